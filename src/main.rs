@@ -1,1 +1,55 @@
-fn main() {}
+//! `moellava`: run MoE-LLaVA vision-language models quantized, in little memory.
+//!
+//! One binary, one subcommand per job. Each subcommand lives in `src/commands/<name>.rs` and is a thin
+//! layer over the library crates (`moellava-runtime`, `moellava-convert`).
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod commands;
+
+#[derive(Parser)]
+#[command(name = "moellava", version, about = "Run MoE-LLaVA vision-language models quantized, in little memory", long_about = None)]
+#[command(propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Inspect(commands::inspect::InspectArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Ctrl-C: remove half-written outputs (they are temp files until renamed), then exit as SIGINT would.
+    let _ = ctrlc::set_handler(|| {
+        moellava_runtime::gguf::writer::remove_incomplete_outputs();
+        eprintln!("\ninterrupted");
+        std::process::exit(130);
+    });
+    let result = match cli.command {
+        Command::Inspect(args) => commands::inspect::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The error and its causes on one line: "outer: inner: root".
+fn one_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+    }
+    parts.join(": ").replace('\n', " ")
+}
