@@ -50,3 +50,79 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
 }
+
+/// Options of `tools/gen_checkpoint.py`.
+#[derive(Clone, Copy, Debug)]
+pub struct Ckpt {
+    pub backbone: &'static str,
+    pub tower: &'static str,
+    pub dense: bool,
+}
+
+impl Ckpt {
+    pub const fn moe(backbone: &'static str, tower: &'static str) -> Ckpt {
+        Ckpt { backbone, tower, dense: false }
+    }
+    pub const fn dense(backbone: &'static str, tower: &'static str) -> Ckpt {
+        Ckpt { backbone, tower, dense: true }
+    }
+    pub fn key(&self) -> String {
+        format!("{}-{}{}", self.backbone, self.tower, if self.dense { "-dense" } else { "" })
+    }
+}
+
+pub const ALL_MOE: [Ckpt; 6] = [
+    Ckpt::moe("phi2", "clip"),
+    Ckpt::moe("phi2", "siglip"),
+    Ckpt::moe("stablelm", "clip"),
+    Ckpt::moe("stablelm", "siglip"),
+    Ckpt::moe("qwen", "clip"),
+    Ckpt::moe("qwen", "siglip"),
+];
+
+/// A generated test checkpoint, made once per generator version and reused by every test:
+/// `target/test-checkpoints/<generator hash>/<key>/` holding `model/` and the tower directory.
+/// `None` (with a printed reason) when no Python venv is available.
+pub fn checkpoint(c: Ckpt, extra: &[&str]) -> Option<PathBuf> {
+    let py = python()?;
+    let gen = root().join("tools/gen_checkpoint.py");
+    let hash = &sha256_hex(&std::fs::read(&gen).expect("read gen_checkpoint.py"))[..12];
+    let key = format!("{}{}", c.key(), extra.iter().map(|a| a.replace("--", "_").replace([',', '.'], "-")).collect::<String>());
+    let dir = root().join("target/test-checkpoints").join(hash).join(&key);
+    if dir.join("model/config.json").exists() {
+        return Some(dir);
+    }
+    // Generate into a private directory and rename: concurrent tests never see a partial checkpoint.
+    let tmp = dir.with_file_name(format!("{key}.tmp-{}-{:?}", std::process::id(), std::thread::current().id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let mut args = vec!["--backbone", c.backbone, "--tower", c.tower, "--out", tmp.to_str().unwrap()];
+    if c.dense {
+        args.push("--dense");
+    }
+    args.extend_from_slice(extra);
+    run_python(&py, "tools/gen_checkpoint.py", &args);
+    std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
+    if std::fs::rename(&tmp, &dir).is_err() {
+        let _ = std::fs::remove_dir_all(&tmp); // another test won the race
+    }
+    Some(dir)
+}
+
+/// The header of a safetensors file: name → (dtype, shape), in file order.
+pub fn safetensors_header(path: &Path) -> Vec<(String, String, Vec<usize>)> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let h: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let mut v: Vec<(u64, String, String, Vec<usize>)> = h
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, t)| {
+            let shape = t["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+            (t["data_offsets"][0].as_u64().unwrap(), k.clone(), t["dtype"].as_str().unwrap().to_string(), shape)
+        })
+        .collect();
+    v.sort();
+    v.into_iter().map(|(_, k, d, s)| (k, d, s)).collect()
+}

@@ -1,0 +1,56 @@
+# moellava — the two commands a newcomer needs:
+#   make demo   convert the bundled model, ask it about a picture (grows with the project)
+#   make test   every test: Rust unit/integration tests plus the Python-backed cross-checks
+# Both run `make setup` first, which installs what a fresh Debian/Ubuntu machine lacks.
+
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(abspath $(VENV))/bin/python
+BUILD := build
+SUDO  := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+CARGO_TEST_FLAGS ?=
+
+export MOELLAVA_PYTHON := $(PY)
+
+.PHONY: setup test demo golden-check fuzz-check fmt-check clean-build
+
+setup: $(BUILD)/.apt-ok $(VENV)/.requirements-ok
+
+# cmake and libclang build ggml and its bindings (llama-cpp-sys-2); python3-venv for the checks.
+$(BUILD)/.apt-ok:
+	@mkdir -p $(BUILD)
+	@if ! command -v cmake >/dev/null || ! command -v clang >/dev/null || ! dpkg -s libclang-dev >/dev/null 2>&1 \
+	    || ! python3 -c 'import ensurepip, venv' 2>/dev/null; then \
+	  echo "setup: installing cmake clang libclang-dev python3-venv"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq cmake clang libclang-dev python3-venv >/dev/null; \
+	fi
+	@touch $@
+
+$(VENV)/.requirements-ok: tools/requirements.txt
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check -r tools/requirements.txt
+	@touch $@
+
+test: setup
+	MOELLAVA_REQUIRE_PYTHON=1 cargo test --workspace $(CARGO_TEST_FLAGS)
+	$(MAKE) --no-print-directory golden-check fuzz-check
+
+# The quant golden files must be exactly what the pinned gguf-py writes today.
+golden-check: setup
+	@rm -rf $(BUILD)/golden-quant
+	$(PY) tools/gen_quant_golden.py $(BUILD)/golden-quant
+	diff -r $(BUILD)/golden-quant tests/fixtures/quant
+	@echo "golden-check: tests/fixtures/quant matches gguf-py $$($(PY) -c 'import importlib.metadata as m; print(m.version("gguf"))')"
+
+# The fuzz target must keep compiling (running it: see fuzz/README.md).
+fuzz-check:
+	CARGO_TARGET_DIR=$(abspath target) cargo check --quiet --manifest-path fuzz/Cargo.toml
+
+demo: setup
+	cargo build --release --quiet
+	$(PY) tools/gen_checkpoint.py --backbone phi2 --tower clip --out $(BUILD)/demo/phi2-clip
+	$(PY) tools/checks/gguf_interop.py write $(BUILD)/demo/gguf-py-sample.gguf $(BUILD)/demo/gguf-py-sample.json
+	./target/release/moellava inspect $(BUILD)/demo/gguf-py-sample.gguf
+
+clean-build:
+	rm -rf $(BUILD)
