@@ -19,6 +19,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    Convert(commands::convert::ConvertArgs),
     Inspect(commands::inspect::InspectArgs),
 }
 
@@ -31,6 +32,7 @@ fn main() -> ExitCode {
         std::process::exit(130);
     });
     let result = match cli.command {
+        Command::Convert(args) => commands::convert::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
     };
     match result {

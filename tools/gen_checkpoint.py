@@ -158,12 +158,18 @@ def bytes_to_unicode() -> dict[int, str]:
 
 BYTE_ENCODER = bytes_to_unicode()
 BYTE_ORDER = list(BYTE_ENCODER.keys())   # GPT-2 vocabulary order of the 256 byte tokens
-TRAIN_SPLIT = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d| ?[^\s\w]+|\s+(?!\S)|\s+""")
+# Each family's vocabulary is trained on pieces split by (a `re` approximation of) its own pre-tokenizer,
+# as the real ones were: GPT-2's for Phi (digit runs, words), Qwen's for the tiktoken families (single
+# digits, punctuation-prefixed words). So a runtime that splits with the wrong pattern gives other ids.
+TRAIN_SPLIT = {
+    "gpt2": re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+"""),
+    "qwen": re.compile(r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|(?:[^\r\n\w]|_)?[^\W\d_]+|\d| ?(?:[^\s\w]|_)+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""),
+}
 
 
-def train_bpe(n_merges: int) -> list[tuple[bytes, bytes]]:
+def train_bpe(n_merges: int, split: str) -> list[tuple[bytes, bytes]]:
     """Byte-level BPE on CORPUS: the most frequent adjacent pair is merged, ties broken by the pair's bytes."""
-    words = Counter(m.group(0).encode("utf-8") for m in TRAIN_SPLIT.finditer(CORPUS))
+    words = Counter(m.group(0).encode("utf-8") for m in TRAIN_SPLIT[split].finditer(CORPUS))
     seqs = {w: [bytes([b]) for b in w] for w in words}
     merges = []
     for _ in range(n_merges):
@@ -216,7 +222,7 @@ def tiktoken_file(tokens: list[bytes]) -> str:
 
 def write_tokenizer(backbone: str, d: Path) -> dict:
     """Writes the family's tokenizer files; returns {len, eos, bos, pad} for config.json."""
-    merges = train_bpe(BACKBONES[backbone]["n_merges"])
+    merges = train_bpe(BACKBONES[backbone]["n_merges"], "gpt2" if backbone == "phi2" else "qwen")
     tokens = ranked_tokens(merges)
     if backbone == "phi2":
         vocab = {unicode_token(t): i for i, t in enumerate(tokens)}

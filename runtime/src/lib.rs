@@ -3,5 +3,7 @@
 
 pub mod gguf;
 pub mod inspect;
+pub mod mmap;
 pub mod npy;
 pub mod tensor_class;
+pub mod tokenizer;

@@ -126,3 +126,12 @@ pub fn safetensors_header(path: &Path) -> Vec<(String, String, Vec<usize>)> {
     v.sort();
     v.into_iter().map(|(_, k, d, s)| (k, d, s)).collect()
 }
+
+/// Runs `moellava convert CKPT/model -o OUT ARGS…` and panics with its stderr on failure.
+pub fn convert(ckpt: &Path, out: &Path, args: &[&str]) {
+    let model = ckpt.join("model");
+    let mut all = vec!["convert", model.to_str().unwrap(), "-o", out.to_str().unwrap(), "--quiet", "--force"];
+    all.extend_from_slice(args);
+    let o = run_moellava(&all);
+    assert!(o.status.success(), "convert {all:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+}

@@ -89,6 +89,26 @@ pub fn quantize_rows(qtype: QuantType, src: &[f32], n_per_row: usize, dst: &mut 
     check_len("bytes written by ggml_quantize_chunk", expected, written)
 }
 
+/// [`quantize_rows`] split over rayon's threads (whole rows per task).
+pub fn quantize_rows_par(qtype: QuantType, src: &[f32], n_per_row: usize, dst: &mut [u8]) -> Result<(), QuantError> {
+    use rayon::prelude::*;
+    check_row(qtype.ggml(), n_per_row)?;
+    let n_rows = src.len() / n_per_row;
+    let row_bytes = qtype.bytes_for(1, n_per_row).ok_or(QuantError::Overflow)?;
+    check_len("quantized bytes", n_rows * row_bytes, dst.len())?;
+    if src.len() % n_per_row != 0 {
+        return Err(QuantError::Length {
+            what: "source values (a whole number of rows)",
+            expected: n_rows * n_per_row,
+            got: src.len(),
+        });
+    }
+    let rows_per_task = (n_rows / (rayon::current_num_threads() * 4)).max(1);
+    dst.par_chunks_mut(rows_per_task * row_bytes)
+        .zip(src.par_chunks(rows_per_task * n_per_row))
+        .try_for_each(|(d, s)| quantize_rows(qtype, s, n_per_row, d))
+}
+
 /// Quantizes rows into a new buffer.
 pub fn quantize_rows_vec(qtype: QuantType, src: &[f32], n_per_row: usize) -> Result<Vec<u8>, QuantError> {
     check_row(qtype.ggml(), n_per_row)?;

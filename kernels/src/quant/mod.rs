@@ -6,7 +6,7 @@ mod types;
 
 pub use ggml::{
     activation_bytes, dequantize_rows, ggml_reported_dot_type, ggml_reported_geometry, init, quantize_activation, quantize_rows,
-    quantize_rows_vec, vec_dot,
+    quantize_rows_par, quantize_rows_vec, vec_dot,
 };
 pub use types::{GgmlType, QuantType};
 

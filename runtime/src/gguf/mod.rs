@@ -1,7 +1,7 @@
 //! GGUF: llama.cpp's single-file model format. A validating reader over a memory map and a
 //! streaming writer. Spec: ggml's `docs/gguf.md`; behaviour mirrors llama.cpp's `gguf.cpp`.
 
-mod mmap;
+pub mod keys;
 pub mod reader;
 pub mod value;
 pub mod writer;

@@ -15,9 +15,9 @@ use std::path::{Path, PathBuf};
 
 use moellava_kernels::quant::{GgmlType, QuantType};
 
-use super::mmap::Bytes;
 use super::value::{Array, Value, ValueType};
 use super::GgufError;
+use crate::mmap::Bytes;
 
 pub const GGUF_MAGIC: &[u8; 4] = b"GGUF";
 pub const DEFAULT_ALIGNMENT: u64 = 32;

@@ -1,4 +1,4 @@
-//! The one place in `runtime` that maps a file into memory.
+//! The one place in `runtime` (and `convert`, which borrows it) that maps a file into memory.
 #![allow(unsafe_code)]
 
 use std::fs::File;
@@ -24,6 +24,14 @@ impl Bytes {
         // (outputs go to a temp file renamed at the end, which leaves a mapped inode untouched).
         let map = unsafe { Mmap::map(&file)? };
         Ok(Bytes::Mapped(map))
+    }
+
+    pub fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.as_slice().is_empty()
     }
 
     pub fn as_slice(&self) -> &[u8] {
