@@ -261,14 +261,21 @@ def write_tokenizer(backbone: str, d: Path) -> dict:
 # ----------------------------------------------------------------------------------------------------
 # Weights
 
+class Lazy:
+    """A tensor to be made when written: its shape, and how to draw its values from a random generator.
+    Values depend only on (--seed, the tensor's seed key), never on generation order, so a checkpoint of
+    any size is written one tensor at a time and the checkpoint's tower copy equals the tower."""
+
+    def __init__(self, shape, make, dtype="f32"):
+        self.shape, self.make, self.dtype = tuple(int(d) for d in shape), make, dtype
+
+
 class Init:
-    """Deterministic random tensors with scales that keep activations O(1) through the network."""
+    """Initialisers with scales that keep activations O(1) through the network."""
 
-    def __init__(self, seed: int):
-        self.rng = np.random.default_rng(seed)
-
-    def normal(self, shape, std):
-        return (self.rng.standard_normal(shape) * std).astype(np.float32)
+    @staticmethod
+    def normal(shape, std):
+        return Lazy(shape, lambda rng: rng.standard_normal(shape, dtype=np.float32) * np.float32(std))
 
     def linear(self, out_f, in_f, gain=1.0):
         return self.normal((out_f, in_f), gain / np.sqrt(in_f))
@@ -277,10 +284,14 @@ class Init:
         return self.normal((n,), 0.05)
 
     def ln_weight(self, n):
-        return 1.0 + self.normal((n,), 0.1)
+        return Lazy((n,), lambda rng: np.float32(1.0) + rng.standard_normal(n, dtype=np.float32) * np.float32(0.1))
+
+    @staticmethod
+    def const(value):
+        return Lazy((), lambda rng: np.array(value, dtype=np.float32))
 
 
-def llm_mlp(backbone: str, cfg: dict, init: Init, p: str) -> list[tuple[str, np.ndarray]]:
+def llm_mlp(backbone: str, cfg: dict, init: Init, p: str) -> list[tuple[str, Lazy]]:
     """One dense MLP (or one expert) under prefix p, in the family's module names."""
     h, f = cfg["hidden_size"], cfg["intermediate_size"]
     if backbone == "phi2":
@@ -294,7 +305,7 @@ def llm_mlp(backbone: str, cfg: dict, init: Init, p: str) -> list[tuple[str, np.
             (f"{p}.c_proj.weight", init.linear(h, ff))]
 
 
-def llm_block(backbone: str, cfg: dict, init: Init, i: int, moe: bool) -> list[tuple[str, np.ndarray]]:
+def llm_block(backbone: str, cfg: dict, init: Init, i: int, moe: bool) -> list[tuple[str, Lazy]]:
     h = cfg["hidden_size"]
     t = []
     if backbone == "qwen":
@@ -326,7 +337,7 @@ def llm_block(backbone: str, cfg: dict, init: Init, i: int, moe: bool) -> list[t
     return t
 
 
-def llm_tensors(backbone: str, cfg: dict, init: Init, vocab_rows: int, moe_layers: list[int]) -> list[tuple[str, np.ndarray]]:
+def llm_tensors(backbone: str, cfg: dict, init: Init, vocab_rows: int, moe_layers: list[int]) -> list[tuple[str, Lazy]]:
     h = cfg["hidden_size"]
     emb_name = "transformer.wte.weight" if backbone == "qwen" else "model.embed_tokens.weight"
     t = [(emb_name, init.normal((vocab_rows, h), 1.0))]
@@ -342,13 +353,13 @@ def llm_tensors(backbone: str, cfg: dict, init: Init, vocab_rows: int, moe_layer
     return t
 
 
-def projector_tensors(prefix: str, mm_hidden: int, h: int, init: Init) -> list[tuple[str, np.ndarray]]:
+def projector_tensors(prefix: str, mm_hidden: int, h: int, init: Init) -> list[tuple[str, Lazy]]:
     p = f"{prefix}.mm_projector.image_spatial_proj"
     return [(f"{p}.0.weight", init.linear(h, mm_hidden)), (f"{p}.0.bias", init.bias(h)),
             (f"{p}.2.weight", init.linear(h, h)), (f"{p}.2.bias", init.bias(h))]
 
 
-def vision_tensors(tower: str, tc: dict, init: Init, prefix: str = "") -> list[tuple[str, np.ndarray]]:
+def vision_tensors(tower: str, tc: dict, init: Init, prefix: str = "") -> list[tuple[str, Lazy]]:
     """The vision half of CLIPModel / SiglipModel (`vision_model.*`), optionally under a prefix."""
     w, f = tc["hidden_size"], tc["intermediate_size"]
     n_pos = (tc["image_size"] // tc["patch_size"]) ** 2
@@ -386,7 +397,7 @@ def vision_tensors(tower: str, tc: dict, init: Init, prefix: str = "") -> list[t
 TEXT_CFG = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_hidden_layers=1, vocab_size=100, max_position_embeddings=16)
 
 
-def text_tower_tensors(tower: str, vision_width: int, init: Init) -> list[tuple[str, np.ndarray]]:
+def text_tower_tensors(tower: str, vision_width: int, init: Init) -> list[tuple[str, Lazy]]:
     """The text half of CLIPModel / SiglipModel: present in the hub repos, skipped by converters."""
     c = TEXT_CFG
     w = c["hidden_size"]
@@ -402,10 +413,10 @@ def text_tower_tensors(tower: str, vision_width: int, init: Init) -> list[tuple[
           ("text_model.final_layer_norm.weight", init.ln_weight(w)), ("text_model.final_layer_norm.bias", init.bias(w))]
     if tower == "clip":
         t += [("visual_projection.weight", init.linear(32, vision_width)), ("text_projection.weight", init.linear(32, w)),
-              ("logit_scale", np.array(2.6592, dtype=np.float32))]
+              ("logit_scale", init.const(2.6592))]
     else:
         t += [("text_model.head.weight", init.linear(w, w)), ("text_model.head.bias", init.bias(w)),
-              ("logit_scale", np.array(2.3026, dtype=np.float32)), ("logit_bias", np.array(-10.0, dtype=np.float32))]
+              ("logit_scale", init.const(2.3026)), ("logit_bias", init.const(-10.0))]
     return t
 
 
@@ -418,43 +429,54 @@ def to_bf16(a: np.ndarray) -> np.ndarray:
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
-def encode(a: np.ndarray, dtype: str) -> tuple[str, bytes]:
-    if a.dtype == np.int64:
-        return "I64", a.astype("<i8").tobytes()
+ST_DTYPE = {"bf16": ("BF16", 2), "f16": ("F16", 2), "f32": ("F32", 4), "i64": ("I64", 8)}
+
+
+def encode(a: np.ndarray, dtype: str) -> bytes:
+    if dtype == "i64":
+        return np.ascontiguousarray(a, dtype="<i8").tobytes()
     if dtype == "bf16":
-        return "BF16", to_bf16(a).astype("<u2").tobytes()
+        return to_bf16(a).astype("<u2").tobytes()
     if dtype == "f16":
-        return "F16", a.astype("<f2").tobytes()
-    return "F32", a.astype("<f4").tobytes()
+        return a.astype("<f2").tobytes()
+    return np.ascontiguousarray(a, dtype="<f4").tobytes()
 
 
-def write_safetensors(path: Path, tensors: list[tuple[str, np.ndarray]], dtype: str) -> int:
-    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
-    for name, a in tensors:
-        st_dtype, blob = encode(a, dtype)
-        header[name] = {"dtype": st_dtype, "shape": list(a.shape), "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
+def rng_for(seed: int, key: str) -> np.random.Generator:
+    return np.random.default_rng(int.from_bytes(hashlib.sha256(f"{seed}/{key}".encode()).digest()[:8], "little"))
+
+
+def write_safetensors(path: Path, tensors: list[tuple[str, Lazy, str]], dtype: str, seed: int) -> int:
+    """Writes (name, lazy, seed key) tensors: header first (sizes are known from shapes), then each
+    tensor's data as it is drawn, so memory never holds more than one tensor."""
+    header, offset, kinds = {"__metadata__": {"format": "pt"}}, 0, []
+    for name, lz, _ in tensors:
+        kind = "i64" if lz.dtype == "i64" else dtype
+        st, size = ST_DTYPE[kind]
+        n = int(np.prod(lz.shape, dtype=np.int64)) * size
+        header[name] = {"dtype": st, "shape": list(lz.shape), "data_offsets": [offset, offset + n]}
+        kinds.append(kind)
+        offset += n
     h = json.dumps(header, separators=(",", ":")).encode()
     h += b" " * ((8 - len(h) % 8) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(h)))
         f.write(h)
-        for b in blobs:
-            f.write(b)
+        for (name, lz, key), kind in zip(tensors, kinds):
+            f.write(encode(lz.make(rng_for(seed, key)), kind))
     return offset
 
 
-def write_sharded(d: Path, tensors: list[tuple[str, np.ndarray]], dtype: str, split_at: int | None) -> None:
+def write_sharded(d: Path, tensors: list[tuple[str, Lazy, str]], dtype: str, split_at: int | None, seed: int) -> None:
     if split_at is None:
-        write_safetensors(d / "model.safetensors", tensors, dtype)
+        write_safetensors(d / "model.safetensors", tensors, dtype, seed)
         return
     shards = [tensors[:split_at], tensors[split_at:]]
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        total += write_safetensors(d / name, shard, dtype)
-        weight_map.update({n: name for n, _ in shard})
+        total += write_safetensors(d / name, shard, dtype, seed)
+        weight_map.update({n: name for n, _, _ in shard})
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (d / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
@@ -527,8 +549,40 @@ def tower_config(tower: str) -> tuple[dict, dict]:
 
 # ----------------------------------------------------------------------------------------------------
 
-def family_seed(seed: int, *parts: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}/{'/'.join(parts)}".encode()).digest()[:8], "little")
+# Sizes: tiny (tests), medium (a conversion that takes a moment: the Ctrl-C test), real (the released
+# dimensions of spec §1.1, for benchmarks; about 11 GB of BF16 for Phi2-4e, written one tensor at a time).
+SIZES = {
+    "tiny": ({}, {}),
+    "medium": ({"hidden_size": 768, "num_attention_heads": 12, "intermediate_size": 3072, "kv_channels": 64}, {}),
+    "real": (
+        {
+            "phi2": dict(hidden_size=2560, num_hidden_layers=32, num_attention_heads=32, intermediate_size=10240,
+                         partial_rotary_factor=0.4, moe_layers_idx=list(range(0, 32, 2)), vocab_rows=51200),
+            "stablelm": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32,
+                             intermediate_size=5632, rope_pct=0.25, moe_layers_idx=list(range(0, 24, 2)), vocab_rows=100352),
+            "qwen": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, kv_channels=128, intermediate_size=11008,
+                         moe_layers_idx=list(range(0, 24, 2)), vocab_rows=151936),
+        },
+        {
+            "clip": dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24, image_size=336),
+            "siglip": dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16, num_hidden_layers=27, image_size=384),
+        },
+    ),
+}
+
+
+def sized(size: str, backbone: str, tower: str) -> tuple[dict, dict]:
+    llm_over, tower_over = SIZES[size]
+    b = dict(BACKBONES[backbone])
+    b.update(llm_over.get(backbone, llm_over) if size == "real" else {k: v for k, v in llm_over.items() if k in b})
+    tc = dict(TOWERS[tower])
+    tc.update(tower_over.get(tower, {}))
+    return b, tc
+
+
+def keyed(tensors: list[tuple[str, Lazy]], scope: str, strip: str = "") -> list[tuple[str, Lazy, str]]:
+    """Attaches each tensor's seed key: scope + name (without `strip`, so a copied tower draws the same values)."""
+    return [(n, lz, f"{scope}/{n[len(strip):] if strip and n.startswith(strip) else n}") for n, lz in tensors]
 
 
 def main() -> None:
@@ -538,6 +592,7 @@ def main() -> None:
     ap.add_argument("--dense", action="store_true", help="stage-2 dense LLaVA checkpoint (no MoE layers)")
     ap.add_argument("--out", type=Path, required=True, help="output directory (model/ and the tower beside it)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--size", choices=sorted(SIZES), default="tiny", help="tiny (tests), medium, or real (the released dimensions)")
     ap.add_argument("--dtype", choices=["bf16", "f16", "f32"], default="bf16")
     ap.add_argument("--single-file", action="store_true", help="one model.safetensors instead of two shards")
     ap.add_argument("--tower-copy", action="store_true", help="also store the tower inside the checkpoint (model.image_tower.image_tower.*)")
@@ -547,30 +602,32 @@ def main() -> None:
     ap.add_argument("--min-capacity", type=int, default=0)
     args = ap.parse_args()
 
-    b, tc = BACKBONES[args.backbone], TOWERS[args.tower]
+    b, tc = sized(args.size, args.backbone, args.tower)
+    BACKBONES[args.backbone], TOWERS[args.tower] = b, tc
     model_dir = args.out / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
     tok = write_tokenizer(args.backbone, model_dir)
-    vocab_rows = -(-tok["len"] // 64) * 64
+    vocab_rows = max(-(-tok["len"] // 64) * 64, b.get("vocab_rows", 0))
     moe_layers = [] if args.dense else (args.moe_layers if args.moe_layers is not None else b["moe_layers_idx"])
     if any(i < 0 or i >= b["num_hidden_layers"] for i in moe_layers):
         sys.exit(f"--moe-layers {moe_layers} outside 0..{b['num_hidden_layers'] - 1}")
 
-    init = Init(family_seed(args.seed, args.backbone, "dense" if args.dense else "moe"))
-    tensors = llm_tensors(args.backbone, b, init, vocab_rows, moe_layers)
+    init = Init()
+    scope = f"{args.backbone}/{'dense' if args.dense else 'moe'}"
+    tensors = keyed(llm_tensors(args.backbone, b, init, vocab_rows, moe_layers), scope)
     head = tensors.pop()     # lm_head goes last, after the projector, as in the module order
-    tensors += projector_tensors(b["prefix"], tc["hidden_size"], b["hidden_size"], Init(family_seed(args.seed, args.backbone, args.tower, "proj")))
-    tower_init_seed = family_seed(args.seed, args.tower)
+    tensors += keyed(projector_tensors(b["prefix"], tc["hidden_size"], b["hidden_size"], init), f"{args.backbone}/{args.tower}/proj")
     if args.tower_copy:
-        tensors += vision_tensors(args.tower, tc, Init(tower_init_seed), prefix=f"{b['prefix']}.image_tower.image_tower.")
+        prefix = f"{b['prefix']}.image_tower.image_tower."
+        tensors += keyed(vision_tensors(args.tower, tc, init, prefix=prefix), args.tower, strip=prefix)
     tensors.append(head)
     split_at = None
     if not args.single_file:
         # Split inside the experts of the last MoE layer (or mid-way through a dense checkpoint).
         marker = "deepspeed_experts.2." if moe_layers else None
-        idx = [i for i, (n, _) in enumerate(tensors) if marker and marker in n and f".{moe_layers[-1]}.mlp." in n]
+        idx = [i for i, (n, _, _) in enumerate(tensors) if marker and marker in n and f".{moe_layers[-1]}.mlp." in n]
         split_at = idx[0] if idx else len(tensors) // 2
-    write_sharded(model_dir, tensors, args.dtype, split_at)
+    write_sharded(model_dir, tensors, args.dtype, split_at, args.seed)
 
     cfg = model_config(args.backbone, args.tower, args.dense, vocab_rows, tok, args)
     (model_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
@@ -588,12 +645,13 @@ def main() -> None:
     tcfg, pre = tower_config(args.tower)
     (tower_dir / "config.json").write_text(json.dumps(tcfg, indent=2) + "\n")
     (tower_dir / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
-    tower_tensors = vision_tensors(args.tower, tc, Init(tower_init_seed))
+    tower_tensors = keyed(vision_tensors(args.tower, tc, init), args.tower)
     if args.tower == "clip":
         n_pos = (tc["image_size"] // tc["patch_size"]) ** 2 + 1
-        tower_tensors.append(("vision_model.embeddings.position_ids", np.arange(n_pos, dtype=np.int64)[None, :]))
-    tower_tensors += text_tower_tensors(args.tower, tc["hidden_size"], Init(family_seed(args.seed, args.tower, "text")))
-    write_safetensors(tower_dir / "model.safetensors", tower_tensors, "f32")
+        ids = Lazy((1, n_pos), lambda rng: np.arange(n_pos, dtype=np.int64)[None, :], dtype="i64")
+        tower_tensors.append(("vision_model.embeddings.position_ids", ids, "ids"))
+    tower_tensors += keyed(text_tower_tensors(args.tower, tc["hidden_size"], init), f"{args.tower}/text")
+    write_safetensors(tower_dir / "model.safetensors", tower_tensors, "f32", args.seed)
     print(f"wrote {model_dir} ({len(tensors)} tensors, len(tokenizer) = {tok['len']}, vocab rows {vocab_rows}) and tower {tower_dir}")
 
 

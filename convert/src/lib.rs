@@ -235,6 +235,11 @@ impl Conversion {
         Inputs { checkpoint: &self.checkpoint, tower: &self.tower_ckpt }
     }
 
+    /// The safetensors file a source tensor is read from.
+    pub fn source_file(&self, s: &name_map::Source) -> Option<&Path> {
+        self.inputs().of(s.origin).get(&s.name).map(|(f, _)| f.path())
+    }
+
     /// Bytes per tensor class, in the source and in the output.
     pub fn class_sizes(&self) -> BTreeMap<TensorClass, ClassSizes> {
         let inputs = self.inputs();

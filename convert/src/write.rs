@@ -46,8 +46,8 @@ pub struct Inputs<'a> {
     pub tower: &'a Checkpoint,
 }
 
-impl Inputs<'_> {
-    fn of(&self, o: Origin) -> &Checkpoint {
+impl<'a> Inputs<'a> {
+    pub fn of(&self, o: Origin) -> &'a Checkpoint {
         match o {
             Origin::Checkpoint => self.checkpoint,
             Origin::Tower => self.tower,

@@ -1,12 +1,14 @@
 //! moellava-kernels: the numeric core of moellava.
 //!
 //! - [`quant`]: ggml's block formats (type table, quantize, dequantize, CPU dot products).
+//! - [`llama`]: llama.cpp itself, as the reference and speed peer for dense backbones.
 //!
 //! This is the only crate of the workspace with FFI and `unsafe`; every `unsafe` block carries a
 //! `// SAFETY:` note saying which checked condition makes it sound.
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod llama;
 pub mod quant;
 
 pub use quant::{GgmlType, QuantError, QuantType};

@@ -1,0 +1,138 @@
+//! llama.cpp itself, through `llama-cpp-sys-2`: the independent reference for dense backbones
+//! (our converted files must load there and give the same logits) and the speed peer of `bench`.
+
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::path::Path;
+use std::sync::Once;
+
+use llama_cpp_sys_2 as sys;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LlamaError {
+    #[error("llama.cpp could not load {0} (run with MOELLAVA_LLAMA_LOG=1 to see its log)")]
+    Load(String),
+    #[error("llama.cpp: {0}")]
+    Call(String),
+}
+
+static BACKEND: Once = Once::new();
+
+/// Discards llama.cpp's log lines unless MOELLAVA_LLAMA_LOG is set (diagnostics only; no numerics change).
+unsafe extern "C" fn quiet_log(_level: sys::ggml_log_level, text: *const c_char, _user: *mut c_void) {
+    if std::env::var_os("MOELLAVA_LLAMA_LOG").is_some() && !text.is_null() {
+        // SAFETY: llama.cpp passes a NUL-terminated string valid for the duration of the call.
+        eprint!("{}", unsafe { CStr::from_ptr(text) }.to_string_lossy());
+    }
+}
+
+fn init_backend() {
+    BACKEND.call_once(|| {
+        // SAFETY: process-wide initialisation, serialised by `Once`; the callback is a `'static` fn
+        // that tolerates being called from any thread.
+        unsafe {
+            sys::llama_log_set(Some(quiet_log), std::ptr::null_mut());
+            sys::llama_backend_init();
+        }
+    });
+}
+
+/// A model loaded by llama.cpp (CPU only).
+pub struct LlamaModel {
+    model: *mut sys::llama_model,
+}
+
+// SAFETY: a llama_model is immutable after loading; llama.cpp allows using it from several threads
+// (each context is separate). We never hand out the raw pointer.
+unsafe impl Send for LlamaModel {}
+// SAFETY: see `Send`: shared references only read the model.
+unsafe impl Sync for LlamaModel {}
+
+impl LlamaModel {
+    pub fn load(path: &Path) -> Result<LlamaModel, LlamaError> {
+        init_backend();
+        let c_path = CString::new(path.to_string_lossy().as_bytes()).map_err(|_| LlamaError::Load(path.display().to_string()))?;
+        // SAFETY: default params are plain data; the path is a valid NUL-terminated string that outlives the call.
+        let model = unsafe {
+            let mut params = sys::llama_model_default_params();
+            params.n_gpu_layers = 0;
+            sys::llama_model_load_from_file(c_path.as_ptr(), params)
+        };
+        if model.is_null() {
+            return Err(LlamaError::Load(path.display().to_string()));
+        }
+        Ok(LlamaModel { model })
+    }
+
+    pub fn n_embd(&self) -> usize {
+        // SAFETY: `self.model` is a live model (checked non-null at load, freed only in Drop).
+        unsafe { sys::llama_model_n_embd(self.model) as usize }
+    }
+
+    pub fn n_layer(&self) -> usize {
+        // SAFETY: as in `n_embd`.
+        unsafe { sys::llama_model_n_layer(self.model) as usize }
+    }
+
+    pub fn n_vocab(&self) -> usize {
+        // SAFETY: as in `n_embd`; the vocab pointer belongs to the model.
+        unsafe { sys::llama_vocab_n_tokens(sys::llama_model_get_vocab(self.model)) as usize }
+    }
+
+    /// A metadata value as llama.cpp renders it.
+    pub fn meta(&self, key: &str) -> Option<String> {
+        let k = CString::new(key).ok()?;
+        let mut buf = vec![0u8; 4096];
+        // SAFETY: `buf` is writable for its length, which is passed; llama.cpp NUL-terminates within it.
+        let n = unsafe { sys::llama_model_meta_val_str(self.model, k.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return None;
+        }
+        let s = CStr::from_bytes_until_nul(&buf).ok()?;
+        Some(s.to_string_lossy().into_owned())
+    }
+
+    /// The logits llama.cpp computes for the last of `tokens` (one prompt, fresh context).
+    pub fn last_logits(&self, tokens: &[u32], n_threads: usize) -> Result<Vec<f32>, LlamaError> {
+        if tokens.is_empty() {
+            return Err(LlamaError::Call("no tokens".into()));
+        }
+        let mut toks: Vec<sys::llama_token> = tokens.iter().map(|t| *t as sys::llama_token).collect();
+        // SAFETY: the context is created from the live model and freed before returning; the batch
+        // borrows `toks`, which outlives `llama_decode`; the logits pointer is read (n_vocab floats, as
+        // llama.cpp documents) before the context is freed.
+        unsafe {
+            let mut cp = sys::llama_context_default_params();
+            cp.n_ctx = (tokens.len() + 8) as u32;
+            cp.n_batch = tokens.len() as u32;
+            cp.n_ubatch = tokens.len() as u32;
+            cp.n_threads = n_threads as i32;
+            cp.n_threads_batch = n_threads as i32;
+            cp.no_perf = true;
+            let ctx = sys::llama_init_from_model(self.model, cp);
+            if ctx.is_null() {
+                return Err(LlamaError::Call("could not create a context".into()));
+            }
+            let batch = sys::llama_batch_get_one(toks.as_mut_ptr(), toks.len() as i32);
+            let rc = sys::llama_decode(ctx, batch);
+            let result = if rc != 0 {
+                Err(LlamaError::Call(format!("llama_decode returned {rc}")))
+            } else {
+                let p = sys::llama_get_logits_ith(ctx, -1);
+                if p.is_null() {
+                    Err(LlamaError::Call("no logits".into()))
+                } else {
+                    Ok(std::slice::from_raw_parts(p, self.n_vocab()).to_vec())
+                }
+            };
+            sys::llama_free(ctx);
+            result
+        }
+    }
+}
+
+impl Drop for LlamaModel {
+    fn drop(&mut self) {
+        // SAFETY: the pointer came from llama_model_load_from_file and is freed exactly once.
+        unsafe { sys::llama_model_free(self.model) };
+    }
+}
