@@ -49,8 +49,8 @@ fuzz-check:
 demo: setup
 	cargo build --release --quiet
 	$(PY) tools/gen_checkpoint.py --backbone phi2 --tower clip --out $(BUILD)/demo/phi2-clip
-	$(PY) tools/checks/gguf_interop.py write $(BUILD)/demo/gguf-py-sample.gguf $(BUILD)/demo/gguf-py-sample.json
-	./target/release/moellava inspect $(BUILD)/demo/gguf-py-sample.gguf
+	./target/release/moellava convert $(BUILD)/demo/phi2-clip/model -o $(BUILD)/demo/phi2-clip-q4.gguf --preset q4 --force
+	./target/release/moellava inspect $(BUILD)/demo/phi2-clip-q4.gguf | tail -n 16
 
 clean-build:
 	rm -rf $(BUILD)

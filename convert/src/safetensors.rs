@@ -90,6 +90,7 @@ pub struct SafetensorsFile {
 impl SafetensorsFile {
     pub fn open(path: &Path) -> Result<SafetensorsFile> {
         let bytes = Bytes::map(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
+        bytes.advise_sequential();
         let buf = bytes.as_slice();
         if buf.len() < 8 {
             return Err(file_err(path, format!("safetensors header truncated: file has {} bytes, needs at least 8", buf.len())));
@@ -155,7 +156,8 @@ impl SafetensorsFile {
             });
         }
         let sz = e.dtype.size();
-        let src = &self.bytes.as_slice()[e.start + first * sz..e.start + (first + out.len()) * sz];
+        let (from, to) = (e.start + first * sz, e.start + (first + out.len()) * sz);
+        let src = &self.bytes.as_slice()[from..to];
         match e.dtype {
             Dtype::F32 => {
                 out.iter_mut().zip(src.chunks_exact(4)).for_each(|(o, b)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -175,6 +177,8 @@ impl SafetensorsFile {
                 })
             }
         }
+        // Each source byte is read once: give the pages back so RSS stays bounded on huge checkpoints.
+        self.bytes.release(from, to - from);
         Ok(())
     }
 }
