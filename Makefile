@@ -12,7 +12,7 @@ CARGO_TEST_FLAGS ?=
 
 export MOELLAVA_PYTHON := $(PY)
 
-.PHONY: setup test demo golden-check fuzz-check fmt-check clean-build
+.PHONY: setup test demo golden-check fuzz-check fixtures clean-build
 
 setup: $(BUILD)/.apt-ok $(VENV)/.requirements-ok
 
@@ -45,6 +45,18 @@ golden-check: setup
 # The fuzz target must keep compiling (running it: see fuzz/README.md).
 fuzz-check:
 	CARGO_TARGET_DIR=$(abspath target) cargo check --quiet --manifest-path fuzz/Cargo.toml
+
+# Regenerates tests/fixtures/model (PyTorch reference; ~4 GB of wheels on first use; CI never runs it),
+# checks that a second run writes identical bytes, and runs the reference's self-test.
+REF_VENV := .venv-reference
+REF_PY   := $(abspath $(REF_VENV))/bin/python
+fixtures:
+	@test -x $(REF_PY) || python3 -m venv $(REF_VENV)
+	@DS_BUILD_OPS=0 $(REF_PY) -m pip install -q --disable-pip-version-check -r tools/reference/requirements.txt
+	$(REF_PY) tools/reference/make_fixtures.py tests/fixtures
+	rm -rf $(BUILD)/fixtures-again && $(REF_PY) tools/reference/make_fixtures.py $(BUILD)/fixtures-again
+	diff -r tests/fixtures/model $(BUILD)/fixtures-again/model && diff -r tests/fixtures/images $(BUILD)/fixtures-again/images
+	$(REF_PY) tools/reference/selftest.py tests/fixtures
 
 demo: setup
 	cargo build --release --quiet

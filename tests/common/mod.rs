@@ -84,10 +84,20 @@ pub const ALL_MOE: [Ckpt; 6] = [
 /// `target/test-checkpoints/<generator hash>/<key>/` holding `model/` and the tower directory.
 /// `None` (with a printed reason) when no Python venv is available.
 pub fn checkpoint(c: Ckpt, extra: &[&str]) -> Option<PathBuf> {
+    let mut args = vec!["--backbone", c.backbone, "--tower", c.tower];
+    if c.dense {
+        args.push("--dense");
+    }
+    args.extend_from_slice(extra);
+    checkpoint_args(&args)
+}
+
+/// A generated checkpoint for raw `tools/gen_checkpoint.py` arguments (without `--out`).
+pub fn checkpoint_args(gen_args: &[&str]) -> Option<PathBuf> {
     let py = python()?;
     let gen = root().join("tools/gen_checkpoint.py");
     let hash = &sha256_hex(&std::fs::read(&gen).expect("read gen_checkpoint.py"))[..12];
-    let key = format!("{}{}", c.key(), extra.iter().map(|a| a.replace("--", "_").replace([',', '.'], "-")).collect::<String>());
+    let key: String = gen_args.iter().map(|a| a.trim_start_matches('-').replace([',', '.'], "-")).collect::<Vec<_>>().join("_");
     let dir = root().join("target/test-checkpoints").join(hash).join(&key);
     if dir.join("model/config.json").exists() {
         return Some(dir);
@@ -95,11 +105,8 @@ pub fn checkpoint(c: Ckpt, extra: &[&str]) -> Option<PathBuf> {
     // Generate into a private directory and rename: concurrent tests never see a partial checkpoint.
     let tmp = dir.with_file_name(format!("{key}.tmp-{}-{:?}", std::process::id(), std::thread::current().id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    let mut args = vec!["--backbone", c.backbone, "--tower", c.tower, "--out", tmp.to_str().unwrap()];
-    if c.dense {
-        args.push("--dense");
-    }
-    args.extend_from_slice(extra);
+    let mut args = gen_args.to_vec();
+    args.extend_from_slice(&["--out", tmp.to_str().unwrap()]);
     run_python(&py, "tools/gen_checkpoint.py", &args);
     std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
     if std::fs::rename(&tmp, &dir).is_err() {

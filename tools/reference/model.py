@@ -47,11 +47,13 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
 
 
 class Reference(nn.Module):
-    def __init__(self, root: Path, dtype: torch.dtype = torch.float32):
+    def __init__(self, root: Path, dtype: torch.dtype = torch.float32, overrides: dict | None = None):
+        """`overrides` replace config.json fields (the self-test's deliberate mistakes)."""
         super().__init__()
         self.root, self.dtype = root, dtype
         model_dir = root / "model"
         cfg = json.loads((model_dir / "config.json").read_text())
+        cfg.update(overrides or {})
         self.cfg = cfg
         self.family = FAMILIES[cfg["model_type"]]
         self.tok = FamilyTokenizer(self.family, model_dir)

@@ -3,7 +3,8 @@
 
     logits = x.float() @ wg.float().T                       [S, E] fp32, no bias, no jitter
     gates  = softmax(logits)                                 fp32
-    C      = max(ceil(S/E * 2*eval_capacity_factor), min_capacity)
+    C      = max(ceil(f32(S/E) * f32(2*eval_capacity_factor)), min_capacity)   (_capacity: a python float
+             times a float32 tensor, so the product is rounded to float32 before the ceil)
     i1     = argmax(gates)                                   first max on ties
     i2     = argmax((logits + noise) masked at i1)           DeepSpeed: noise = Gumbel(0,1), always
     loc1   = cumsum(mask1) - 1;  loc2 = cumsum(mask2) - 1 + sum(mask1)     per expert, token order
@@ -16,6 +17,8 @@ expert with that exact noise. `use_residual` (PR-MoE) is not used by any release
 """
 import math
 
+import numpy as np
+
 import torch
 import torch.nn as nn
 
@@ -25,7 +28,7 @@ def top2_routing(x: torch.Tensor, wg: torch.Tensor, capacity_factor: float, min_
     logits = x.float() @ wg.float().t()
     gates = torch.softmax(logits, dim=1)
     s, e = gates.shape
-    capacity = max(math.ceil(s / e * 2 * capacity_factor), min_capacity)
+    capacity = max(math.ceil(float(np.float32(np.float32(s / e) * np.float32(2 * capacity_factor)))), min_capacity)
     i1 = torch.argmax(gates, dim=1)
     mask1 = nn.functional.one_hot(i1, e)
     noisy = logits if noise is None else logits + noise.to(logits.dtype)
