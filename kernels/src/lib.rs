@@ -1,6 +1,7 @@
 //! moellava-kernels: the numeric core of moellava.
 //!
 //! - [`quant`]: ggml's block formats (type table, quantize, dequantize, CPU dot products).
+//! - [`cpu`]: quantized matmul and the f32 activation ops on the CPU.
 //! - [`llama`]: llama.cpp itself, as the reference and speed peer for dense backbones.
 //!
 //! This is the only crate of the workspace with FFI and `unsafe`; every `unsafe` block carries a
@@ -8,6 +9,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod cpu;
 pub mod llama;
 pub mod quant;
 

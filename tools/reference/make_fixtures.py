@@ -97,7 +97,7 @@ def routing_record(trace: dict) -> dict:
 
 
 def save(d: Path, name: str, t: torch.Tensor) -> None:
-    np.save(d / f"{name}.npy", t.detach().to(torch.float32).numpy())
+    np.save(d / f"{name}.npy", np.ascontiguousarray(t.detach().to(torch.float32).numpy()))
 
 
 def run_case(models: dict, d: Path, question: str, image: str | None, images: Path) -> None:

@@ -1,0 +1,7 @@
+//! CPU kernels: quantized matmul over ggml's `vec_dot`, and the f32 activation ops.
+
+pub mod matmul;
+pub mod ops;
+
+pub use matmul::{get_rows, matmul, QMatRef};
+pub use ops::Activation;

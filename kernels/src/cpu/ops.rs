@@ -1,0 +1,213 @@
+//! f32 activation ops on the CPU: norms, activations, rotary embedding, attention, softmax.
+//! Plain loops the compiler vectorises; rows in parallel where there is enough work.
+//!
+//! Matrices are row-major `[rows, cols]` slices; attention works on `[T, n_head·head_dim]` rows.
+
+use rayon::prelude::*;
+
+/// Rows per rayon task below which work stays on the calling thread.
+const MIN_PAR_ROWS: usize = 4;
+
+fn for_rows(x: &mut [f32], cols: usize, f: impl Fn(&mut [f32]) + Sync + Send) {
+    if x.len() / cols.max(1) >= MIN_PAR_ROWS {
+        x.par_chunks_mut(cols).for_each(f);
+    } else {
+        x.chunks_mut(cols).for_each(f);
+    }
+}
+
+/// LayerNorm over each row: `(x - mean) / sqrt(var + eps) · w + b` (biased variance, as torch).
+pub fn layer_norm(x: &mut [f32], cols: usize, w: &[f32], b: Option<&[f32]>, eps: f32) {
+    for_rows(x, cols, |row| {
+        let n = cols as f64;
+        let mean = row.iter().map(|v| *v as f64).sum::<f64>() / n;
+        let var = row.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / n;
+        let inv = 1.0 / (var + eps as f64).sqrt();
+        for (i, v) in row.iter_mut().enumerate() {
+            let y = ((*v as f64 - mean) * inv) as f32 * w[i];
+            *v = y + b.map_or(0.0, |b| b[i]);
+        }
+    });
+}
+
+/// RMSNorm over each row: `x · rsqrt(mean(x²) + eps) · w` (Qwen's formula, computed in f32 or better).
+pub fn rms_norm(x: &mut [f32], cols: usize, w: &[f32], eps: f32) {
+    for_rows(x, cols, |row| {
+        let ms = row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / cols as f64;
+        let inv = (1.0 / (ms + eps as f64).sqrt()) as f32;
+        for (i, v) in row.iter_mut().enumerate() {
+            *v = (*v * inv) * w[i];
+        }
+    });
+}
+
+/// Adds a bias vector to every row.
+pub fn add_bias(x: &mut [f32], bias: &[f32]) {
+    let cols = bias.len();
+    for_rows(x, cols, |row| row.iter_mut().zip(bias).for_each(|(v, b)| *v += b));
+}
+
+/// `x += y` element-wise.
+pub fn add(x: &mut [f32], y: &[f32]) {
+    x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
+}
+
+/// `x *= y` element-wise.
+pub fn mul(x: &mut [f32], y: &[f32]) {
+    x.iter_mut().zip(y).for_each(|(a, b)| *a *= b);
+}
+
+/// Element-wise activations of the supported models.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// Exact GELU, `x·Φ(x)` (torch `nn.GELU()`): the projector.
+    GeluErf,
+    /// Tanh-approximated GELU (`gelu_new`, `gelu_pytorch_tanh`): Phi-2's FFN, SigLIP.
+    GeluTanh,
+    /// `x·σ(1.702x)`: CLIP.
+    QuickGelu,
+    /// `x·σ(x)`: StableLM, Qwen.
+    Silu,
+}
+
+/// erf with |error| < 1.2e-7 (Numerical Recipes' erfc Chebyshev fit), in f64.
+fn erf(x: f64) -> f64 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let r = t
+        * (-z * z - 1.265_512_23
+            + t * (1.000_023_68
+                + t * (0.374_091_96
+                    + t * (0.096_784_18
+                        + t * (-0.186_288_06
+                            + t * (0.278_868_07
+                                + t * (-1.135_203_98 + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
+            .exp();
+    if x >= 0.0 {
+        1.0 - r
+    } else {
+        r - 1.0
+    }
+}
+
+pub fn activate(x: &mut [f32], a: Activation) {
+    let f: fn(f32) -> f32 = match a {
+        Activation::GeluErf => |v| (0.5 * v as f64 * (1.0 + erf(v as f64 / std::f64::consts::SQRT_2))) as f32,
+        Activation::GeluTanh => |v| {
+            let v = v as f64;
+            (0.5 * v * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v * v * v)).tanh())) as f32
+        },
+        Activation::QuickGelu => |v| v / (1.0 + (-1.702 * v).exp()),
+        Activation::Silu => |v| v / (1.0 + (-v).exp()),
+    };
+    if x.len() >= 4096 {
+        x.par_chunks_mut(1024).for_each(|c| c.iter_mut().for_each(|v| *v = f(*v)));
+    } else {
+        x.iter_mut().for_each(|v| *v = f(*v));
+    }
+}
+
+/// NeoX-style rotary embedding on the first `rot_dims` of every head: within them, the first half
+/// rotates against the second half (`rotate_half`). `x`: `[T, n_head·head_dim]`, positions per row.
+pub fn rope_neox(x: &mut [f32], n_head: usize, head_dim: usize, rot_dims: usize, positions: &[usize], base: f32) {
+    let half = rot_dims / 2;
+    // As transformers computes it, in float32 whatever the model dtype: inv_freq = 1 / base^(2i/dim),
+    // angle = position · inv_freq, then cos and sin of the float32 angle.
+    let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / base.powf((2 * i) as f32 / rot_dims as f32)).collect();
+    x.par_chunks_mut(n_head * head_dim).zip(positions.par_iter()).for_each(|(row, &pos)| {
+        for h in 0..n_head {
+            let head = &mut row[h * head_dim..h * head_dim + rot_dims];
+            for i in 0..half {
+                let angle = pos as f32 * inv_freq[i];
+                let (s, c) = (angle.sin() as f64, angle.cos() as f64);
+                let (a, b) = (head[i] as f64, head[i + half] as f64);
+                head[i] = (a * c - b * s) as f32;
+                head[i + half] = (b * c + a * s) as f32;
+            }
+        }
+    });
+}
+
+/// Softmax of a row, in place, in f64 for stability.
+pub fn softmax(row: &mut [f32]) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v)) as f64;
+    let sum: f64 = row.iter().map(|v| (*v as f64 - max).exp()).sum();
+    row.iter_mut().for_each(|v| *v = ((*v as f64 - max).exp() / sum) as f32);
+}
+
+/// Scaled dot-product attention.
+///
+/// q `[T, n_head·hd]`; k, v `[P, n_kv_head·hd]` (all P positions, cache included); query t sits at
+/// absolute position `first_pos + t` and, when `causal`, sees keys at positions ≤ its own.
+/// Heads share KV heads in groups of n_head / n_kv_head. Returns `[T, n_head·hd]`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    n_head: usize,
+    n_kv_head: usize,
+    hd: usize,
+    first_pos: usize,
+    causal: bool,
+    scale: f32,
+) -> Vec<f32> {
+    let (qw, kw) = (n_head * hd, n_kv_head * hd);
+    let t = q.len() / qw;
+    let p = k.len() / kw;
+    let group = n_head / n_kv_head;
+    let mut out = vec![0f32; t * qw];
+    // One task per (token, head): each writes its own hd-wide slot.
+    out.par_chunks_mut(hd).enumerate().for_each(|(idx, o)| {
+        let (tok, h) = (idx / n_head, idx % n_head);
+        let kvh = h / group;
+        let qv = &q[tok * qw + h * hd..tok * qw + (h + 1) * hd];
+        let visible = if causal { (first_pos + tok + 1).min(p) } else { p };
+        let mut scores: Vec<f32> = (0..visible)
+            .map(|j| {
+                let kv = &k[j * kw + kvh * hd..j * kw + (kvh + 1) * hd];
+                qv.iter().zip(kv).map(|(a, b)| a * b).sum::<f32>() * scale
+            })
+            .collect();
+        softmax(&mut scores);
+        for (j, s) in scores.iter().enumerate() {
+            let vv = &v[j * kw + kvh * hd..j * kw + (kvh + 1) * hd];
+            o.iter_mut().zip(vv).for_each(|(a, b)| *a += s * b);
+        }
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn erf_gelu_is_accurate() {
+        // Reference values of x·Φ(x).
+        for (x, want) in [(-3.0f32, -0.004_049_694), (-1.0, -0.158_655_25), (0.5, 0.345_731_38), (2.0, 1.954_499_7)] {
+            let mut v = [x];
+            activate(&mut v, Activation::GeluErf);
+            assert!((v[0] - want).abs() < 1e-6, "gelu({x}) = {} want {want}", v[0]);
+        }
+    }
+
+    #[test]
+    fn causal_attention_of_one_key_returns_its_value() {
+        let (hd, h) = (4, 2);
+        let q = vec![1.0; h * hd];
+        let k = vec![0.5; h * hd];
+        let v: Vec<f32> = (0..h * hd).map(|i| i as f32).collect();
+        let o = attention(&q, &k, &v, h, h, hd, 0, true, 0.5);
+        assert_eq!(o, v);
+    }
+
+    #[test]
+    fn layer_norm_normalises() {
+        let mut x = vec![1.0, 2.0, 3.0, 4.0];
+        layer_norm(&mut x, 4, &[1.0; 4], None, 0.0);
+        let mean: f32 = x.iter().sum::<f32>() / 4.0;
+        let var: f32 = x.iter().map(|v| v * v).sum::<f32>() / 4.0;
+        assert!(mean.abs() < 1e-6 && (var - 1.0).abs() < 1e-5);
+    }
+}

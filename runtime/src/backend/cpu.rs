@@ -1,0 +1,145 @@
+//! The CPU backend: activations are host `Vec<f32>`; matmuls run ggml's `vec_dot` over the mapped
+//! weights in their own types, threaded with rayon (the global pool: `--threads`).
+
+use moellava_kernels::cpu::{self, ops, Activation};
+
+use super::Backend;
+use crate::error::Result;
+use crate::model::weights::Weight;
+
+/// Row-major `[rows, cols]` f32 on the host.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostMat {
+    pub data: Vec<f32>,
+    pub cols: usize,
+}
+
+impl HostMat {
+    pub fn rows(&self) -> usize {
+        self.data.len() / self.cols.max(1)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuBackend;
+
+impl Backend for CpuBackend {
+    type Act = HostMat;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn from_host(&self, data: Vec<f32>, cols: usize) -> HostMat {
+        HostMat { data, cols }
+    }
+
+    fn to_host(&self, x: &HostMat) -> Vec<f32> {
+        x.data.clone()
+    }
+
+    fn shape(&self, x: &HostMat) -> (usize, usize) {
+        (x.rows(), x.cols)
+    }
+
+    fn matmul(&self, x: &HostMat, w: &Weight) -> Result<HostMat> {
+        let mut out = vec![0f32; x.rows() * w.rows];
+        cpu::matmul(w.mat(), &x.data, &mut out)?;
+        Ok(HostMat { data: out, cols: w.rows })
+    }
+
+    fn embed(&self, table: &Weight, ids: &[u32]) -> Result<HostMat> {
+        let mut out = vec![0f32; ids.len() * table.cols];
+        cpu::get_rows(table.mat(), ids, &mut out)?;
+        Ok(HostMat { data: out, cols: table.cols })
+    }
+
+    fn add_bias(&self, x: &mut HostMat, bias: &[f32]) {
+        ops::add_bias(&mut x.data, bias);
+    }
+
+    fn layer_norm(&self, x: &mut HostMat, w: &[f32], b: Option<&[f32]>, eps: f32) {
+        ops::layer_norm(&mut x.data, x.cols, w, b, eps);
+    }
+
+    fn rms_norm(&self, x: &mut HostMat, w: &[f32], eps: f32) {
+        ops::rms_norm(&mut x.data, x.cols, w, eps);
+    }
+
+    fn activate(&self, x: &mut HostMat, a: Activation) {
+        ops::activate(&mut x.data, a);
+    }
+
+    fn mul(&self, x: &mut HostMat, y: &HostMat) {
+        ops::mul(&mut x.data, &y.data);
+    }
+
+    fn add(&self, x: &mut HostMat, y: &HostMat) {
+        ops::add(&mut x.data, &y.data);
+    }
+
+    fn rope(&self, x: &mut HostMat, n_head: usize, head_dim: usize, rot_dims: usize, positions: &[usize], base: f32) {
+        ops::rope_neox(&mut x.data, n_head, head_dim, rot_dims, positions, base);
+    }
+
+    fn attention(
+        &self,
+        q: &HostMat,
+        k: &HostMat,
+        v: &HostMat,
+        n_head: usize,
+        n_kv_head: usize,
+        hd: usize,
+        first_pos: usize,
+        causal: bool,
+        scale: f32,
+    ) -> HostMat {
+        HostMat {
+            data: ops::attention(&q.data, &k.data, &v.data, n_head, n_kv_head, hd, first_pos, causal, scale),
+            cols: n_head * hd,
+        }
+    }
+
+    fn split_cols(&self, x: &HostMat, widths: &[usize]) -> Vec<HostMat> {
+        let mut parts: Vec<HostMat> =
+            widths.iter().map(|w| HostMat { data: Vec::with_capacity(x.rows() * w), cols: *w }).collect();
+        for row in x.data.chunks(x.cols) {
+            let mut at = 0;
+            for p in parts.iter_mut() {
+                p.data.extend_from_slice(&row[at..at + p.cols]);
+                at += p.cols;
+            }
+        }
+        parts
+    }
+
+    fn gather_rows(&self, x: &HostMat, rows: &[usize]) -> HostMat {
+        let mut data = Vec::with_capacity(rows.len() * x.cols);
+        for r in rows {
+            data.extend_from_slice(&x.data[r * x.cols..(r + 1) * x.cols]);
+        }
+        HostMat { data, cols: x.cols }
+    }
+
+    fn scatter_add_rows(&self, dst: &mut HostMat, src: &HostMat, rows: &[usize], weights: &[f32]) {
+        let c = dst.cols;
+        for (i, (r, w)) in rows.iter().zip(weights).enumerate() {
+            let s = &src.data[i * c..(i + 1) * c];
+            dst.data[r * c..(r + 1) * c].iter_mut().zip(s).for_each(|(d, v)| *d += w * v);
+        }
+    }
+
+    fn concat_rows(&self, parts: &[&HostMat]) -> HostMat {
+        let cols = parts.first().map_or(0, |p| p.cols);
+        HostMat { data: parts.iter().flat_map(|p| p.data.iter().copied()).collect(), cols }
+    }
+
+    fn append_rows(&self, dst: &mut HostMat, src: &HostMat) {
+        dst.cols = src.cols;
+        dst.data.extend_from_slice(&src.data);
+    }
+
+    fn zeros(&self, rows: usize, cols: usize) -> HostMat {
+        HostMat { data: vec![0.0; rows * cols], cols }
+    }
+}

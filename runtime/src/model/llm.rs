@@ -1,0 +1,145 @@
+//! The language model: embeddings, decoder layers (dense or MoE FFN), final norm and head.
+//!
+//! Block structure per family (spec §2): Phi-2 is parallel, `x + attn(LN(x)) + ffn(LN(x))` with one
+//! LayerNorm; StableLM-2 `x + attn(LN1(x))` then `x + ffn(LN2(x))`; Qwen-1 the same with RMSNorm.
+//! Logits are computed for the last position only, over the len(tokenizer) rows the head keeps.
+//! Dims: T = tokens of this call, D = n_embd, V = n_vocab.
+
+use crate::backend::Backend;
+use crate::error::Result;
+use crate::gguf::keys::tensors as tn;
+use crate::model::attention::{Attention, KvCache};
+use crate::model::config::{Family, LlmConfig, MoeConfig};
+use crate::model::ffn::Ffn;
+use crate::model::moe::{Gating, Moe, Routing};
+use crate::model::weights::{Weight, WeightStore};
+
+struct Norm {
+    w: Vec<f32>,
+    b: Option<Vec<f32>>,
+    rms: bool,
+    eps: f32,
+}
+
+impl Norm {
+    fn load(ws: &WeightStore, name: &str, c: &LlmConfig) -> Result<Norm> {
+        let rms = c.family == Family::Qwen;
+        let b = if rms { None } else { Some(ws.f32(&format!("{name}.bias"), &[c.n_embd])?) };
+        Ok(Norm { w: ws.f32(&format!("{name}.weight"), &[c.n_embd])?, b, rms, eps: c.norm_eps })
+    }
+
+    fn apply<B: Backend>(&self, be: &B, x: &B::Act) -> B::Act {
+        let mut y = x.clone();
+        if self.rms {
+            be.rms_norm(&mut y, &self.w, self.eps);
+        } else {
+            be.layer_norm(&mut y, &self.w, self.b.as_deref(), self.eps);
+        }
+        y
+    }
+}
+
+pub enum LayerFfn {
+    Dense(Ffn),
+    Moe(Moe),
+}
+
+struct Layer {
+    attn_norm: Norm,
+    ffn_norm: Option<Norm>,
+    attn: Attention,
+    ffn: LayerFfn,
+}
+
+/// What a forward call can record for tests, traces and `--json` (named like llama.cpp's callbacks).
+#[derive(Default, Debug, Clone)]
+pub struct Trace {
+    /// Output of every decoder layer, `[T, D]` each (only when `keep_layers`).
+    pub layer_outputs: Vec<Vec<f32>>,
+    /// Per MoE layer: router logits `[T, E]` and the routing.
+    pub moe: Vec<(usize, Vec<f32>, Routing)>,
+    pub keep_layers: bool,
+}
+
+pub struct Llm {
+    pub cfg: LlmConfig,
+    embd: Weight,
+    layers: Vec<Layer>,
+    out_norm: Norm,
+    output: Weight,
+}
+
+impl Llm {
+    pub fn load(c: &LlmConfig, moe: Option<&MoeConfig>, ws: &WeightStore) -> Result<Llm> {
+        let layers = (0..c.n_layer)
+            .map(|i| {
+                let is_moe = moe.is_some_and(|m| m.layers.contains(&i));
+                Ok(Layer {
+                    attn_norm: Norm::load(ws, &tn::blk(i, "attn_norm"), c)?,
+                    ffn_norm: if c.family == Family::Phi2 { None } else { Some(Norm::load(ws, &tn::blk(i, "ffn_norm"), c)?) },
+                    attn: Attention::load(i, c, ws)?,
+                    ffn: match moe {
+                        Some(m) if is_moe => LayerFfn::Moe(Moe::load(i, c, m, ws)?),
+                        _ => LayerFfn::Dense(Ffn::load_dense(i, c, ws)?),
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Llm {
+            cfg: c.clone(),
+            embd: ws.matrix(tn::TOKEN_EMBD, c.n_vocab, c.n_embd)?,
+            layers,
+            out_norm: Norm::load(ws, tn::OUTPUT_NORM, c)?,
+            output: ws.matrix(tn::OUTPUT, c.n_vocab, c.n_embd)?,
+        })
+    }
+
+    /// Embeddings of token ids `[T, D]`.
+    pub fn embed<B: Backend>(&self, be: &B, ids: &[u32]) -> Result<B::Act> {
+        be.embed(&self.embd, ids)
+    }
+
+    /// Runs `x [T, D]` (positions `cache.len..`) through every layer, appending to the cache; returns
+    /// the logits `[V]` of the last position.
+    pub fn forward<B: Backend>(
+        &self,
+        be: &B,
+        mut x: B::Act,
+        cache: &mut KvCache<B>,
+        gating: &mut Gating,
+        trace: &mut Trace,
+    ) -> Result<Vec<f32>> {
+        let first_pos = cache.len;
+        let (t, _) = be.shape(&x);
+        for (i, l) in self.layers.iter().enumerate() {
+            let h = l.attn_norm.apply(be, &x);
+            let a = l.attn.forward(be, &h, &mut cache.layers[i], first_pos)?;
+            let h = match &l.ffn_norm {
+                None => h, // Phi-2: the FFN reads the same normed input (parallel block)
+                Some(n) => {
+                    be.add(&mut x, &a);
+                    n.apply(be, &x)
+                }
+            };
+            let f = match &l.ffn {
+                LayerFfn::Dense(ffn) => ffn.forward(be, &h)?,
+                LayerFfn::Moe(moe) => {
+                    let (y, logits, routing) = moe.forward(be, &h, gating)?;
+                    trace.moe.push((i, logits, routing));
+                    y
+                }
+            };
+            if l.ffn_norm.is_none() {
+                be.add(&mut x, &a);
+            }
+            be.add(&mut x, &f);
+            if trace.keep_layers {
+                trace.layer_outputs.push(be.to_host(&x));
+            }
+        }
+        cache.len += t;
+        let last = be.gather_rows(&x, &[t - 1]);
+        let h = self.out_norm.apply(be, &last);
+        Ok(be.to_host(&be.matmul(&h, &self.output)?))
+    }
+}

@@ -1,0 +1,306 @@
+//! MoE-LLaVA assembled from a GGUF file: vision tower + projector + language model + tokenizer, and
+//! the session that runs a prompt through them (prefill, then greedy or sampled decoding).
+
+pub mod attention;
+pub mod config;
+pub mod ffn;
+pub mod llm;
+pub mod moe;
+pub mod vision;
+pub mod weights;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::Backend;
+use crate::error::{Result, RuntimeError};
+use crate::gguf::GgufFile;
+use crate::image::Rgb8;
+use crate::prompt::{self, Piece, Turn};
+use crate::rng::Rng;
+use crate::sampler::{self, SamplingOptions};
+use crate::tokenizer::Tokenizer;
+use attention::KvCache;
+use config::ModelConfig;
+use llm::{Llm, Trace};
+use moe::Gating;
+use vision::VisionTower;
+use weights::WeightStore;
+
+/// Which second-expert rule the MoE layers use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GatingMode {
+    /// argmax of the remaining experts (moellava's default; reproducible).
+    Deterministic,
+    /// DeepSpeed 0.9.5's Gumbel-sampled second expert, seeded.
+    Reference { seed: u64 },
+}
+
+/// Options of one generation.
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingOptions,
+    pub ignore_eos: bool,
+    pub gating: GatingMode,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            max_new_tokens: 128,
+            sampling: SamplingOptions::default(),
+            ignore_eos: false,
+            gating: GatingMode::Deterministic,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    Eos,
+    StopString,
+    MaxNewTokens,
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Timings {
+    pub image_encode_s: f64,
+    pub prefill_s: f64,
+    pub decode_s: f64,
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens_per_s: f64,
+}
+
+/// The experts chosen for one position in one MoE layer.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct LayerRoute {
+    pub layer: usize,
+    pub experts: [usize; 2],
+    pub weights: [f32; 2],
+}
+
+/// The result of one question.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Answer {
+    pub text: String,
+    pub tokens: Vec<u32>,
+    pub prompt_tokens: usize,
+    pub image_tokens: usize,
+    pub stop_reason: StopReason,
+    pub timings: Timings,
+    /// Per MoE layer, the experts of the last prompt position.
+    pub routing: Vec<LayerRoute>,
+    #[serde(skip)]
+    pub last_prompt_logits: Vec<f32>,
+}
+
+pub struct Model<B: Backend = CpuBackend> {
+    pub config: ModelConfig,
+    pub tokenizer: Tokenizer,
+    pub llm: Llm,
+    pub vision: Option<VisionTower>,
+    pub backend: B,
+    pub file: Arc<GgufFile>,
+}
+
+impl Model<CpuBackend> {
+    /// Maps `path` and builds the model from its metadata alone.
+    pub fn load(path: &Path) -> Result<Model<CpuBackend>> {
+        Model::load_with(path, CpuBackend)
+    }
+}
+
+/// What a prompt becomes before the language model: embeddings `[T, D]` and their counts.
+pub struct PreparedInput<B: Backend> {
+    pub embeds: B::Act,
+    pub ids: Vec<i64>,
+    pub image_tokens: usize,
+    pub image_encode_s: f64,
+}
+
+impl<B: Backend> Model<B> {
+    pub fn load_with(path: &Path, backend: B) -> Result<Model<B>> {
+        let file = Arc::new(GgufFile::open(path)?);
+        let config = ModelConfig::from_gguf(&file.meta)?;
+        let tokenizer = Tokenizer::from_gguf(&file.meta)?;
+        if tokenizer.len != config.llm.n_vocab {
+            return Err(RuntimeError::Unsupported(format!(
+                "tokenizer has {} tokens, the head {} rows",
+                tokenizer.len, config.llm.n_vocab
+            )));
+        }
+        let ws = WeightStore::new(file.clone());
+        let llm = Llm::load(&config.llm, config.moe.as_ref(), &ws)?;
+        let vision = match &config.vision {
+            Some(v) => Some(VisionTower::load(v, &ws, config.llm.n_embd)?),
+            None => None,
+        };
+        Ok(Model { config, tokenizer, llm, vision, backend, file })
+    }
+
+    /// The full prompt for one question, as the reference builds it (`-p` without `--raw-prompt`).
+    pub fn question_prompt(&self, question: &str, with_image: bool) -> String {
+        let c = &self.config.chat;
+        prompt::render(c, &[Turn { user: prompt::user_message(c, question, with_image), assistant: None }])
+    }
+
+    /// Pixel values `[3, S, S]` of an image for this model's tower.
+    pub fn pixel_values(&self, img: &Rgb8) -> Result<Vec<f32>> {
+        let v = self.config.vision.as_ref().ok_or_else(|| RuntimeError::Unsupported("this model has no vision tower".into()))?;
+        Ok(crate::image::preprocess(img, v.image_size, v.pad_color, v.mean, v.std))
+    }
+
+    /// Tokenises `prompt`, encodes the image and splices it in.
+    pub fn prepare(&self, prompt: &str, image: Option<&Rgb8>) -> Result<PreparedInput<B>> {
+        let be = &self.backend;
+        let pieces = prompt::tokenize(&self.tokenizer, prompt, &self.config.chat.image_token)?;
+        let has_tag = pieces.contains(&Piece::Image);
+        match (has_tag, image) {
+            (true, None) => {
+                return Err(RuntimeError::Prompt(format!(
+                    "the prompt has an {} tag but no image was given",
+                    self.config.chat.image_token
+                )))
+            }
+            (false, Some(_)) => {
+                return Err(RuntimeError::Prompt(format!(
+                    "an image was given but the prompt has no {} tag",
+                    self.config.chat.image_token
+                )))
+            }
+            _ => {}
+        }
+        let (mut image_embeds, mut encode_s) = (None, 0.0);
+        if let Some(img) = image {
+            let tower = self.vision.as_ref().ok_or_else(|| RuntimeError::Unsupported("this model has no vision tower".into()))?;
+            let t0 = Instant::now();
+            let (_, e) = tower.encode(be, &self.pixel_values(img)?)?;
+            encode_s = t0.elapsed().as_secs_f64();
+            image_embeds = Some(e);
+        }
+        let mut parts = Vec::new();
+        for p in &pieces {
+            match p {
+                Piece::Text(ids) => parts.push(self.llm.embed(be, ids)?),
+                Piece::Image => parts.push(image_embeds.take().ok_or_else(|| RuntimeError::Prompt("two image tags".into()))?),
+            }
+        }
+        if parts.is_empty() {
+            return Err(RuntimeError::Prompt("the prompt is empty".into()));
+        }
+        let embeds = be.concat_rows(&parts.iter().collect::<Vec<_>>());
+        let (t, _) = be.shape(&embeds);
+        if t > self.config.llm.context_length {
+            return Err(RuntimeError::Prompt(format!(
+                "{t} prompt positions exceed the context length {}",
+                self.config.llm.context_length
+            )));
+        }
+        let image_tokens = if image.is_some() { self.config.vision.as_ref().map_or(0, |v| v.image_tokens) } else { 0 };
+        Ok(PreparedInput { embeds, ids: prompt::flat_ids(&pieces), image_tokens, image_encode_s: encode_s })
+    }
+
+    /// Answers one prompt (already templated), streaming the text through `on_text`.
+    pub fn generate(&self, input: PreparedInput<B>, o: &GenerateOptions, on_text: &mut dyn FnMut(&str)) -> Result<Answer> {
+        let be = &self.backend;
+        let mut cache = KvCache::new(be, &self.config.llm);
+        let mut gating = match o.gating {
+            GatingMode::Deterministic => Gating::Deterministic,
+            GatingMode::Reference { seed } => Gating::Reference(Rng::new(seed ^ 0x6D6F_656C_6C61_7661)),
+        };
+        let prompt_tokens = be.shape(&input.embeds).0;
+        if prompt_tokens + o.max_new_tokens > self.config.llm.context_length {
+            return Err(RuntimeError::Prompt(format!(
+                "{prompt_tokens} prompt positions + {} new tokens exceed the context length {}",
+                o.max_new_tokens, self.config.llm.context_length
+            )));
+        }
+        let t0 = Instant::now();
+        let mut trace = Trace::default();
+        let mut logits = self.llm.forward(be, input.embeds, &mut cache, &mut gating, &mut trace)?;
+        let prefill_s = t0.elapsed().as_secs_f64();
+        let routing = trace
+            .moe
+            .iter()
+            .map(|(l, _, r)| LayerRoute {
+                layer: *l,
+                experts: r.experts[prompt_tokens - 1],
+                weights: r.weights[prompt_tokens - 1],
+            })
+            .collect();
+        let last_prompt_logits = logits.clone();
+        let mut rng = Rng::new(o.sampling.seed);
+        let (mut tokens, mut emitted) = (Vec::new(), 0usize);
+        let mut stop = StopReason::MaxNewTokens;
+        let sep2 = self.config.chat.sep2.clone();
+        let t1 = Instant::now();
+        while tokens.len() < o.max_new_tokens {
+            let next = sampler::sample(&logits, &tokens, &o.sampling, &mut rng);
+            if next == self.tokenizer.eos && !o.ignore_eos {
+                stop = StopReason::Eos;
+                break;
+            }
+            tokens.push(next);
+            let text = self.tokenizer.decode(&tokens, true)?;
+            if !o.ignore_eos && !sep2.is_empty() && text.contains(&sep2) {
+                stop = StopReason::StopString;
+                break;
+            }
+            // Stream what is final: never half of a multi-byte character.
+            if !text.ends_with('\u{FFFD}') && text.len() > emitted && text.is_char_boundary(emitted) {
+                on_text(&text[emitted..]);
+                emitted = text.len();
+            }
+            if tokens.len() == o.max_new_tokens {
+                break;
+            }
+            logits = self.llm.forward(be, self.llm.embed(be, &[next])?, &mut cache, &mut gating, &mut Trace::default())?;
+        }
+        let decode_s = t1.elapsed().as_secs_f64();
+        let mut text = self.tokenizer.decode(&tokens, true)?;
+        if let Some(i) = text.find(&sep2).filter(|_| !sep2.is_empty()) {
+            text.truncate(i);
+        }
+        if text.len() > emitted && text.is_char_boundary(emitted) {
+            on_text(&text[emitted..]);
+        }
+        let n_decoded = tokens.len().saturating_sub(1);
+        Ok(Answer {
+            text: text.trim().to_string(),
+            prompt_tokens,
+            image_tokens: input.image_tokens,
+            stop_reason: stop,
+            timings: Timings {
+                image_encode_s: input.image_encode_s,
+                prefill_s,
+                decode_s,
+                prefill_tokens_per_s: prompt_tokens as f64 / prefill_s.max(1e-9),
+                decode_tokens_per_s: if n_decoded > 0 { n_decoded as f64 / decode_s.max(1e-9) } else { 0.0 },
+            },
+            tokens,
+            routing,
+            last_prompt_logits,
+        })
+    }
+
+    /// `prepare` + `generate` for a question (templated like the reference) or a raw prompt.
+    pub fn answer(
+        &self,
+        image: Option<&Rgb8>,
+        text: &str,
+        raw_prompt: bool,
+        o: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Answer> {
+        if text.trim().is_empty() {
+            return Err(RuntimeError::Prompt("the prompt is empty".into()));
+        }
+        let prompt = if raw_prompt { text.to_string() } else { self.question_prompt(text, image.is_some()) };
+        let input = self.prepare(&prompt, image)?;
+        self.generate(input, o, on_text)
+    }
+}

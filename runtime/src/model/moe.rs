@@ -1,0 +1,235 @@
+//! Sparse top-2 MoE FFN on the layers in `moellava.moe.layers`.
+//!
+//! Mirrors DeepSpeed 0.9.5 `MOELayer` + `TopKGate.top2gating` as MoE-LLaVA runs them (spec §4):
+//! ```text
+//! logits = x·wgᵀ (f32)            gates = softmax(logits)          C = max(⌈f32(T/E)·f32(2·cf)⌉, min_capacity)
+//! i1 = argmax(gates)               i2 = argmax(logits [+ Gumbel noise] with i1 masked)
+//! loc1 = cumsum(mask1) - 1         loc2 = cumsum(mask2) - 1 + Σ mask1     (per expert, token order)
+//! keep choice k where loc_k < C    w_k = g_k / max(g1 + g2, eps)          y = Σ_k w_k · E_{i_k}(x)
+//! ```
+//! `Gating::Deterministic` (moellava's default) takes the second expert by plain argmax; the reference
+//! mode adds seeded Gumbel(0,1) noise as DeepSpeed always does. The capacity rule spans all tokens of one
+//! forward call (the whole prompt at prefill), so it is applied here, not per token.
+//! Dims: T = n_tokens, E = n_expert, D = n_embd, F = n_ff.
+
+use crate::backend::Backend;
+use crate::error::Result;
+use crate::gguf::keys::tensors as tn;
+use crate::model::config::{Family, LlmConfig, MoeConfig};
+use crate::model::ffn::Ffn;
+use crate::model::weights::WeightStore;
+use crate::rng::Rng;
+
+/// How the second expert is chosen.
+#[derive(Clone, Debug)]
+pub enum Gating {
+    /// argmax of the remaining logits (no noise).
+    Deterministic,
+    /// DeepSpeed's Gumbel-noised second choice, from a seeded generator.
+    Reference(Rng),
+    /// Given noise per MoE layer (`[T, E]` row-major) for the next forward call of each layer; layers
+    /// without an entry, and later calls, use no noise. For checking against reference fixtures.
+    Given(std::collections::HashMap<usize, Vec<f32>>),
+}
+
+impl Gating {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Gating::Deterministic => "deterministic",
+            Gating::Reference(_) => "reference",
+            Gating::Given(_) => "given-noise",
+        }
+    }
+
+    fn noise(&mut self, layer: usize, n: usize) -> Option<Vec<f32>> {
+        match self {
+            Gating::Deterministic => None,
+            Gating::Reference(rng) => Some((0..n).map(|_| rng.gumbel()).collect()),
+            Gating::Given(map) => map.remove(&layer).filter(|v| v.len() == n),
+        }
+    }
+}
+
+/// The routing of one forward call.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Routing {
+    /// `[T]` (first, second) expert.
+    pub experts: Vec<[usize; 2]>,
+    /// `[T]` renormalised weights (0 for a dropped choice).
+    pub weights: Vec<[f32; 2]>,
+    pub kept: Vec<[bool; 2]>,
+    pub capacity: usize,
+}
+
+/// DeepSpeed's `_capacity`: the token count over experts (a Python float) times the capacity factor
+/// (a float32 tensor) is rounded to float32, then ceiled.
+pub fn capacity(n_tokens: usize, n_expert: usize, eval_capacity_factor: f32, min_capacity: usize) -> usize {
+    let c = ((n_tokens as f64 / n_expert as f64) as f32 * (2.0 * eval_capacity_factor)).ceil() as usize;
+    c.max(min_capacity)
+}
+
+/// Top-2 routing of `logits [T, E]` (see the module docs). `noise`, when given, is `[T, E]`.
+pub fn route(logits: &[f32], n_expert: usize, eval_capacity_factor: f32, min_capacity: usize, noise: Option<&[f32]>) -> Routing {
+    let t = logits.len() / n_expert;
+    let cap = capacity(t, n_expert, eval_capacity_factor, min_capacity);
+    let argmax = |v: &mut dyn Iterator<Item = (usize, f32)>| {
+        v.fold((usize::MAX, f32::NEG_INFINITY), |b, (i, x)| if x > b.1 || b.0 == usize::MAX { (i, x) } else { b }).0
+    };
+    let mut experts = Vec::with_capacity(t);
+    let mut gates_pair = Vec::with_capacity(t);
+    for tok in 0..t {
+        let row = &logits[tok * n_expert..(tok + 1) * n_expert];
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+        let exp: Vec<f32> = row.iter().map(|v| (v - max).exp()).collect();
+        let sum: f32 = exp.iter().sum();
+        let gates: Vec<f32> = exp.iter().map(|e| e / sum).collect();
+        let i1 = argmax(&mut gates.iter().copied().enumerate());
+        let noisy = |j: usize| row[j] + noise.map_or(0.0, |n| n[tok * n_expert + j]);
+        let i2 = argmax(&mut (0..n_expert).filter(|j| *j != i1).map(|j| (j, noisy(j))));
+        experts.push([i1, i2]);
+        gates_pair.push([gates[i1], gates[i2]]);
+    }
+    // Capacity slots: all first choices are placed (token order), then all second choices.
+    let mut count = vec![0usize; n_expert];
+    let mut kept = vec![[false; 2]; t];
+    for k in 0..2 {
+        for tok in 0..t {
+            let e = experts[tok][k];
+            kept[tok][k] = count[e] < cap;
+            count[e] += 1;
+        }
+    }
+    let weights = (0..t)
+        .map(|tok| {
+            let g1 = if kept[tok][0] { gates_pair[tok][0] } else { 0.0 };
+            let g2 = if kept[tok][1] { gates_pair[tok][1] } else { 0.0 };
+            let d = (g1 + g2).max(f32::EPSILON);
+            [g1 / d, g2 / d]
+        })
+        .collect();
+    Routing { experts, weights, kept, capacity: cap }
+}
+
+/// Stacked expert weights of one MoE layer and its gate.
+pub struct Moe {
+    pub layer: usize,
+    gate: crate::model::weights::Weight,
+    experts: Vec<Ffn>,
+    n_expert: usize,
+    eval_capacity_factor: f32,
+    min_capacity: usize,
+}
+
+impl Moe {
+    pub fn load(layer: usize, c: &LlmConfig, m: &MoeConfig, ws: &WeightStore) -> Result<Moe> {
+        let (d, f, e) = (c.n_embd, c.n_ff, m.n_expert);
+        let n = |part: &str| tn::blk(layer, part);
+        let up = ws.stacked(&n("ffn_up_exps.weight"), e, f, d)?;
+        let down = ws.stacked(&n("ffn_down_exps.weight"), e, d, f)?;
+        let experts = if c.family == Family::Phi2 {
+            let up_b = ws.f32(&n("ffn_up_exps.bias"), &[e, f])?;
+            let down_b = ws.f32(&n("ffn_down_exps.bias"), &[e, d])?;
+            (0..e)
+                .map(|x| Ffn::Gelu {
+                    up: up.slice_rows(x * f, f),
+                    up_b: up_b[x * f..(x + 1) * f].to_vec(),
+                    down: down.slice_rows(x * d, d),
+                    down_b: down_b[x * d..(x + 1) * d].to_vec(),
+                })
+                .collect()
+        } else {
+            let gate = ws.stacked(&n("ffn_gate_exps.weight"), e, f, d)?;
+            (0..e)
+                .map(|x| Ffn::SwiGlu {
+                    gate: gate.slice_rows(x * f, f),
+                    up: up.slice_rows(x * f, f),
+                    down: down.slice_rows(x * d, d),
+                })
+                .collect()
+        };
+        Ok(Moe {
+            layer,
+            gate: ws.matrix(&n("ffn_gate_inp.weight"), e, d)?,
+            experts,
+            n_expert: e,
+            eval_capacity_factor: m.eval_capacity_factor,
+            min_capacity: m.min_capacity,
+        })
+    }
+
+    /// `h [T, D]` → `[T, D]`; returns the router logits `[T, E]` and the routing too.
+    pub fn forward<B: Backend>(&self, be: &B, h: &B::Act, gating: &mut Gating) -> Result<(B::Act, Vec<f32>, Routing)> {
+        let logits = be.to_host(&be.matmul(h, &self.gate)?); // [T, E]
+        let (t, d) = be.shape(h);
+        let noise = gating.noise(self.layer, t * self.n_expert);
+        let routing = route(&logits, self.n_expert, self.eval_capacity_factor, self.min_capacity, noise.as_deref());
+        let mut out = be.zeros(t, d);
+        for (e, expert) in self.experts.iter().enumerate() {
+            let (mut rows, mut weights) = (Vec::new(), Vec::new());
+            for tok in 0..t {
+                for k in 0..2 {
+                    if routing.experts[tok][k] == e && routing.kept[tok][k] {
+                        rows.push(tok);
+                        weights.push(routing.weights[tok][k]);
+                    }
+                }
+            }
+            if rows.is_empty() {
+                continue;
+            }
+            let y = expert.forward(be, &be.gather_rows(h, &rows))?; // [rows, D]
+            be.scatter_add_rows(&mut out, &y, &rows, &weights);
+        }
+        Ok((out, logits, routing))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn capacity_follows_deepspeed() {
+        assert_eq!(capacity(117, 4, 2.0, 0), 117);
+        assert_eq!(capacity(117, 4, 0.5, 0), 30);
+        assert_eq!(capacity(1, 4, 0.5, 0), 1);
+        assert_eq!(capacity(3, 4, 0.25, 4), 4);
+    }
+
+    #[test]
+    fn dropped_choices_renormalise_and_both_dropped_is_zero() {
+        // Four tokens all preferring expert 0, then 1; capacity ⌈4/4 · 2·0.5⌉ = 1. Token 0 takes expert 0's
+        // slot; second choices are placed after all first choices *of the same expert* (none for expert 1),
+        // so token 0 also takes expert 1's slot; tokens 1-3 lose both choices and get a zero output.
+        let logits = [3.0, 2.0, 0.0, 0.0].repeat(4);
+        let r = route(&logits, 4, 0.5, 0, None);
+        assert_eq!(r.capacity, 1);
+        assert_eq!(r.kept[0], [true, true]);
+        assert!((r.weights[0][0] - 1.0 / (1.0 + (-1.0f32).exp())).abs() < 1e-6);
+        assert_eq!(r.kept[1], [false, false]);
+        assert_eq!(r.weights[1], [0.0, 0.0]);
+    }
+
+    proptest! {
+        #[test]
+        fn routing_invariants(logits in prop::collection::vec(-5.0f32..5.0, 4..160), cf in 0.25f32..2.5) {
+            let t = logits.len() / 4;
+            let r = route(&logits[..t * 4], 4, cf, 0, None);
+            for tok in 0..t {
+                let [a, b] = r.experts[tok];
+                prop_assert!(a != b && a < 4 && b < 4);
+                let [w1, w2] = r.weights[tok];
+                if r.kept[tok][0] || r.kept[tok][1] {
+                    prop_assert!((w1 + w2 - 1.0).abs() < 1e-5);
+                } else {
+                    prop_assert!(w1 == 0.0 && w2 == 0.0);
+                }
+            }
+            for e in 0..4 {
+                let used = (0..t).flat_map(|tok| (0..2).map(move |k| (tok, k))).filter(|(tok, k)| r.experts[*tok][*k] == e && r.kept[*tok][*k]).count();
+                prop_assert!(used <= r.capacity);
+            }
+        }
+    }
+}

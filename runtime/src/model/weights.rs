@@ -1,0 +1,130 @@
+//! Weights as views into the memory-mapped GGUF, looked up by name with their expected shapes.
+
+use std::sync::Arc;
+
+use moellava_kernels::cpu::QMatRef;
+use moellava_kernels::quant;
+use moellava_kernels::QuantType;
+
+use crate::error::{Result, RuntimeError};
+use crate::gguf::GgufFile;
+
+/// A weight matrix `[rows, cols]` (row-major) in the file: no copy, the bytes stay in the map.
+#[derive(Clone)]
+pub struct Weight {
+    file: Arc<GgufFile>,
+    pub name: String,
+    offset: usize,
+    len: usize,
+    pub qtype: QuantType,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl Weight {
+    pub fn bytes(&self) -> &[u8] {
+        &self.file.bytes()[self.offset..self.offset + self.len]
+    }
+
+    pub fn mat(&self) -> QMatRef<'_> {
+        QMatRef { data: self.bytes(), qtype: self.qtype, n_rows: self.rows, n_cols: self.cols }
+    }
+
+    /// Rows `[first, first + n)`: one expert of a stacked `[E·rows, cols]` tensor.
+    pub fn slice_rows(&self, first: usize, n: usize) -> Weight {
+        let rb = self.len / self.rows;
+        Weight {
+            file: self.file.clone(),
+            name: self.name.clone(),
+            offset: self.offset + first * rb,
+            len: n * rb,
+            qtype: self.qtype,
+            rows: n,
+            cols: self.cols,
+        }
+    }
+
+    /// Byte range of the weight in the file (what an expert cache loads).
+    pub fn file_range(&self) -> (usize, usize) {
+        (self.offset, self.len)
+    }
+}
+
+/// Typed access to the tensors of a GGUF file.
+#[derive(Clone)]
+pub struct WeightStore {
+    file: Arc<GgufFile>,
+}
+
+impl WeightStore {
+    pub fn new(file: Arc<GgufFile>) -> WeightStore {
+        WeightStore { file }
+    }
+
+    pub fn file(&self) -> &Arc<GgufFile> {
+        &self.file
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.file.meta.tensor_info(name).is_some()
+    }
+
+    /// A tensor of row-major shape `shape`, seen as a matrix of `shape[..-1]` rows and `shape[-1]`
+    /// columns (`matrix_cols` overrides the column count, e.g. a conv kernel flattened per output).
+    fn get(&self, name: &str, shape: &[usize], matrix_cols: Option<usize>) -> Result<Weight> {
+        let t = self.file.meta.tensor_info(name).ok_or_else(|| RuntimeError::MissingTensor { name: name.to_string() })?;
+        if t.shape() != shape {
+            return Err(RuntimeError::ShapeMismatch { name: name.to_string(), expected: shape.to_vec(), got: t.shape() });
+        }
+        let qtype = t
+            .quant_type()
+            .ok_or_else(|| RuntimeError::BadType { name: name.to_string(), got: t.ggml_type.name().to_string() })?;
+        let total: usize = shape.iter().product();
+        let cols = matrix_cols.unwrap_or(*shape.last().unwrap_or(&1));
+        if cols % qtype.block_size() != 0 {
+            return Err(RuntimeError::BadType { name: format!("{name} (as rows of {cols})"), got: qtype.name().to_string() });
+        }
+        let offset = (self.file.meta.data_offset + t.offset) as usize;
+        Ok(Weight {
+            file: self.file.clone(),
+            name: name.to_string(),
+            offset,
+            len: t.n_bytes as usize,
+            qtype,
+            rows: total / cols,
+            cols,
+        })
+    }
+
+    /// A matrix `[rows, cols]`.
+    pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Weight> {
+        self.get(name, &[rows, cols], None)
+    }
+
+    /// A tensor of any shape, viewed as a matrix with `cols` columns.
+    pub fn matrix_of(&self, name: &str, shape: &[usize], cols: usize) -> Result<Weight> {
+        self.get(name, shape, Some(cols))
+    }
+
+    /// Stacked experts `[n_expert, rows, cols]`, as one `[n_expert·rows, cols]` matrix.
+    pub fn stacked(&self, name: &str, n_expert: usize, rows: usize, cols: usize) -> Result<Weight> {
+        self.get(name, &[n_expert, rows, cols], None)
+    }
+
+    /// A tensor of `shape` dequantized to f32 (norms, biases, position tables: small).
+    pub fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let w = self.get(name, shape, Some(*shape.last().unwrap_or(&1)))?;
+        let mut out = vec![0f32; shape.iter().product()];
+        quant::dequantize_rows(w.qtype, w.bytes(), &mut out)?;
+        Ok(out)
+    }
+
+    /// Like [`Self::f32`] for an optional tensor.
+    pub fn f32_opt(&self, name: &str, shape: &[usize]) -> Result<Option<Vec<f32>>> {
+        if self.has(name) {
+            self.f32(name, shape).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+}
