@@ -63,6 +63,8 @@ demo: setup
 	$(PY) tools/gen_checkpoint.py --backbone phi2 --tower clip --out $(BUILD)/demo/phi2-clip
 	./target/release/moellava convert $(BUILD)/demo/phi2-clip/model -o $(BUILD)/demo/phi2-clip-q4.gguf --preset q4 --force
 	./target/release/moellava inspect $(BUILD)/demo/phi2-clip-q4.gguf | tail -n 16
+	./target/release/moellava run -m $(BUILD)/demo/phi2-clip-q4.gguf --image tests/fixtures/images/wide.png \
+	    -p "Is there a chair in the image?" --max-new-tokens 16
 
 clean-build:
 	rm -rf $(BUILD)

@@ -5,6 +5,7 @@
 
 use std::process::ExitCode;
 
+use clap::error::ErrorKind;
 use clap::{Parser, Subcommand};
 
 mod commands;
@@ -20,11 +21,28 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Convert(commands::convert::ConvertArgs),
+    Run(commands::run::RunArgs),
+    Chat(commands::chat::ChatArgs),
     Inspect(commands::inspect::InspectArgs),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) =>
+        {
+            e.exit()
+        }
+        Err(e) => {
+            // Usage mistakes are one line and exit code 1, like every other bad input.
+            eprintln!("error: {}", usage_line(&e.render().to_string()));
+            return ExitCode::from(1);
+        }
+    };
     // Ctrl-C: remove half-written outputs (they are temp files until renamed), then exit as SIGINT would.
     let _ = ctrlc::set_handler(|| {
         moellava_runtime::gguf::writer::remove_incomplete_outputs();
@@ -33,6 +51,8 @@ fn main() -> ExitCode {
     });
     let result = match cli.command {
         Command::Convert(args) => commands::convert::run(args),
+        Command::Run(args) => commands::run::run(args),
+        Command::Chat(args) => commands::chat::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
     };
     match result {
@@ -42,6 +62,17 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// clap's multi-line usage error as one line (without the "try --help" footer).
+fn usage_line(rendered: &str) -> String {
+    rendered
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("For more information"))
+        .map(|l| l.trim_start_matches("error: "))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The error and its causes on one line: "outer: inner: root".

@@ -169,7 +169,7 @@ fn writer_rejects_invalid_specs() {
     let e = bad(vec![TensorSpec::from_shape("w", GgmlType::F32, &[2]), TensorSpec::from_shape("w", GgmlType::F32, &[2])], &kvs)
         .unwrap();
     assert!(e.contains("duplicate tensor name 'w'"), "{e}");
-    let e = bad(vec![TensorSpec::from_shape(&"n".repeat(64), GgmlType::F32, &[2])], &kvs).unwrap();
+    let e = bad(vec![TensorSpec::from_shape("n".repeat(64), GgmlType::F32, &[2])], &kvs).unwrap();
     assert!(e.contains("64 bytes"), "{e}");
     let e = bad(vec![], &[("general.alignment".into(), Value::U32(24))]).unwrap();
     assert!(e.contains("power-of-two"), "{e}");

@@ -424,7 +424,7 @@ impl TowerConfig {
                 TowerKind::Siglip => [0.5; 3],
             },
             std: match kind {
-                TowerKind::Clip => [0.268_629_54, 0.261_302_58, 0.275_777_11],
+                TowerKind::Clip => [0.268_629_54, 0.261_302_6, 0.275_777_1],
                 TowerKind::Siglip => [0.5; 3],
             },
         };

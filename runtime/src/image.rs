@@ -141,14 +141,10 @@ pub fn resize_bicubic(img: &Rgb8, out_w: usize, out_h: usize) -> Rgb8 {
                 let mut acc = [1i64 << (PRECISION_BITS - 1); 3];
                 for (j, w) in k.iter().enumerate() {
                     let p = cur.px(xmin + j, y);
-                    for c in 0..3 {
-                        acc[c] += p[c] as i64 * *w as i64;
-                    }
+                    acc.iter_mut().zip(p).for_each(|(a, v)| *a += *v as i64 * *w as i64);
                 }
                 let at = (y * out_w + xx) * 3;
-                for c in 0..3 {
-                    out.data[at + c] = clip8(acc[c]);
-                }
+                out.data[at..at + 3].iter_mut().zip(acc).for_each(|(o, a)| *o = clip8(a));
             }
         }
         cur = out;
@@ -161,14 +157,10 @@ pub fn resize_bicubic(img: &Rgb8, out_w: usize, out_h: usize) -> Rgb8 {
                 let mut acc = [1i64 << (PRECISION_BITS - 1); 3];
                 for (j, w) in k.iter().enumerate() {
                     let p = cur.px(x, ymin + j);
-                    for c in 0..3 {
-                        acc[c] += p[c] as i64 * *w as i64;
-                    }
+                    acc.iter_mut().zip(p).for_each(|(a, v)| *a += *v as i64 * *w as i64);
                 }
                 let at = (yy * cur.width + x) * 3;
-                for c in 0..3 {
-                    out.data[at + c] = clip8(acc[c]);
-                }
+                out.data[at..at + 3].iter_mut().zip(acc).for_each(|(o, a)| *o = clip8(a));
             }
         }
         cur = out;

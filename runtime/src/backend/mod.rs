@@ -11,6 +11,7 @@ pub use moellava_kernels::cpu::Activation;
 use crate::error::Result;
 use crate::model::weights::Weight;
 
+#[allow(clippy::wrong_self_convention)] // `from_host` is a conversion *through* the backend
 pub trait Backend: Send + Sync {
     /// An activation matrix `[rows, cols]` of f32.
     type Act: Send + Sync + Clone;
