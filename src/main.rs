@@ -23,6 +23,8 @@ enum Command {
     Convert(commands::convert::ConvertArgs),
     Run(commands::run::RunArgs),
     Chat(commands::chat::ChatArgs),
+    Pope(commands::pope::PopeArgs),
+    Compare(commands::compare::CompareArgs),
     Inspect(commands::inspect::InspectArgs),
 }
 
@@ -53,6 +55,8 @@ fn main() -> ExitCode {
         Command::Convert(args) => commands::convert::run(args),
         Command::Run(args) => commands::run::run(args),
         Command::Chat(args) => commands::chat::run(args),
+        Command::Pope(args) => commands::pope::run(args),
+        Command::Compare(args) => commands::compare::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
     };
     match result {

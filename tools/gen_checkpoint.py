@@ -167,9 +167,9 @@ TRAIN_SPLIT = {
 }
 
 
-def train_bpe(n_merges: int, split: str) -> list[tuple[bytes, bytes]]:
-    """Byte-level BPE on CORPUS: the most frequent adjacent pair is merged, ties broken by the pair's bytes."""
-    words = Counter(m.group(0).encode("utf-8") for m in TRAIN_SPLIT[split].finditer(CORPUS))
+def train_bpe(n_merges: int, split: str, corpus: str = CORPUS) -> list[tuple[bytes, bytes]]:
+    """Byte-level BPE on `corpus`: the most frequent adjacent pair is merged, ties broken by the pair's bytes."""
+    words = Counter(m.group(0).encode("utf-8") for m in TRAIN_SPLIT[split].finditer(corpus))
     seqs = {w: [bytes([b]) for b in w] for w in words}
     merges = []
     for _ in range(n_merges):

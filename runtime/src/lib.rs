@@ -10,6 +10,7 @@
 
 pub mod backend;
 pub mod error;
+pub mod eval;
 pub mod gguf;
 pub mod image;
 pub mod inspect;

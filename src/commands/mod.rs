@@ -1,6 +1,9 @@
 //! One module per subcommand.
+pub mod chart;
 pub mod chat;
+pub mod compare;
 pub mod convert;
 pub mod inspect;
 pub mod options;
+pub mod pope;
 pub mod run;
