@@ -25,6 +25,7 @@ enum Command {
     Chat(commands::chat::ChatArgs),
     Pope(commands::pope::PopeArgs),
     Compare(commands::compare::CompareArgs),
+    Bench(commands::bench::BenchArgs),
     Inspect(commands::inspect::InspectArgs),
 }
 
@@ -57,6 +58,7 @@ fn main() -> ExitCode {
         Command::Chat(args) => commands::chat::run(args),
         Command::Pope(args) => commands::pope::run(args),
         Command::Compare(args) => commands::compare::run(args),
+        Command::Bench(args) => commands::bench::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
     };
     match result {

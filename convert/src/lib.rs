@@ -34,8 +34,9 @@ use hf_config::{Family, LlmConfig, TowerConfig};
 use name_map::{Kind, Origin, OutTensor};
 pub use plan::{PlanChoice, Preset, QuantPlan};
 use tokenizer::Vocab;
+use write::Inputs;
+pub use write::Planned;
 pub use write::Progress;
-use write::{Inputs, Planned};
 
 /// What `moellava convert` was asked to do.
 #[derive(Clone, Debug)]
@@ -213,7 +214,8 @@ fn account(
     Ok(skipped)
 }
 
-fn assign_types(tensors: Vec<OutTensor>, plan: &QuantPlan) -> (Vec<Planned>, Vec<Fallback>) {
+/// The type of every tensor under `plan`, with block-size fallbacks (and a summary of them).
+pub fn assign_types(tensors: Vec<OutTensor>, plan: &QuantPlan) -> (Vec<Planned>, Vec<Fallback>) {
     let mut fb: BTreeMap<(TensorClass, QuantType, QuantType), usize> = BTreeMap::new();
     let planned = tensors
         .into_iter()
@@ -247,7 +249,7 @@ impl Conversion {
         for p in &self.tensors {
             let c = m.entry(p.tensor.class).or_default();
             c.tensors += 1;
-            c.before += inputs.source_bytes(&p.tensor);
+            c.before += write::source_bytes(&inputs, &p.tensor);
             c.after += p.out_bytes();
         }
         m
@@ -256,7 +258,7 @@ impl Conversion {
     /// Total source bytes the conversion reads.
     pub fn input_bytes(&self) -> u64 {
         let inputs = self.inputs();
-        self.tensors.iter().map(|p| inputs.source_bytes(&p.tensor)).sum()
+        self.tensors.iter().map(|p| write::source_bytes(&inputs, &p.tensor)).sum()
     }
 
     fn name(&self) -> String {

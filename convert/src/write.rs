@@ -9,7 +9,7 @@ use moellava_runtime::gguf::{GgufWriter, TensorSpec, Value};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{ConvertError, Result};
-use crate::name_map::{Origin, OutTensor};
+use crate::name_map::{Origin, OutTensor, Source};
 
 /// f32 elements per chunk (16 MiB): bounds the converter's working memory.
 const CHUNK_ELEMENTS: usize = 4 << 20;
@@ -41,6 +41,14 @@ pub struct Progress<'a> {
     pub bytes_total: u64,
 }
 
+/// Where the values of source tensors come from: a checkpoint's files, or a generator.
+pub trait SourceData {
+    /// Elements `[first, first + out.len())` of `source` (row-major) as f32.
+    fn read(&self, source: &Source, first: usize, out: &mut [f32]) -> Result<()>;
+    /// Bytes one element takes in the source (for progress and the size summary).
+    fn element_bytes(&self, source: &Source) -> u64;
+}
+
 pub struct Inputs<'a> {
     pub checkpoint: &'a Checkpoint,
     pub tower: &'a Checkpoint,
@@ -53,20 +61,35 @@ impl<'a> Inputs<'a> {
             Origin::Tower => self.tower,
         }
     }
+}
 
-    /// Source bytes a planned tensor reads (what "before" means in the size summary).
-    pub fn source_bytes(&self, t: &OutTensor) -> u64 {
-        t.sources
-            .iter()
-            .filter_map(|s| self.of(s.origin).get(&s.name))
-            .map(|(_, e)| {
-                let all = (e.end - e.start) as u64;
-                match t.rows {
-                    Some(r) => all / e.shape[0].max(1) as u64 * r as u64,
-                    None => all,
-                }
-            })
-            .sum()
+impl SourceData for Inputs<'_> {
+    fn read(&self, s: &Source, first: usize, out: &mut [f32]) -> Result<()> {
+        let ck = self.of(s.origin);
+        let (file, _) = ck.get(&s.name).ok_or_else(|| ConvertError::Tensor {
+            path: ck.dir.display().to_string(),
+            tensor: s.name.clone(),
+            what: "disappeared between planning and writing".into(),
+        })?;
+        file.read_f32(&s.name, first, out)
+    }
+
+    fn element_bytes(&self, s: &Source) -> u64 {
+        self.of(s.origin).get(&s.name).map_or(4, |(_, e)| e.dtype.size() as u64)
+    }
+}
+
+/// Source bytes a planned tensor reads (what "before" means in the size summary).
+pub fn source_bytes(data: &dyn SourceData, t: &OutTensor) -> u64 {
+    t.sources.iter().map(|s| source_elements(t, s) as u64 * data.element_bytes(s)).sum()
+}
+
+/// Elements read from one source: all of it, or its first `rows` outer rows.
+fn source_elements(t: &OutTensor, s: &Source) -> usize {
+    let all: usize = s.shape.iter().product();
+    match t.rows {
+        Some(r) => r * (all / s.shape.first().copied().unwrap_or(1).max(1)),
+        None => all,
     }
 }
 
@@ -75,7 +98,7 @@ pub fn write_gguf(
     path: &Path,
     kvs: &[(String, Value)],
     tensors: &[Planned],
-    inputs: &Inputs,
+    data: &dyn SourceData,
     progress: &mut dyn FnMut(Progress),
     bytes_done: &mut u64,
     bytes_total: u64,
@@ -93,28 +116,21 @@ pub fn write_gguf(
         let mut pending: Vec<f32> = Vec::new();
         let mut out = Vec::new();
         for src in &p.tensor.sources {
-            let (file, entry) = inputs.of(src.origin).get(&src.name).ok_or_else(|| ConvertError::Tensor {
-                path: inputs.of(src.origin).dir.display().to_string(),
-                tensor: src.name.clone(),
-                what: "disappeared between planning and writing".into(),
-            })?;
-            let total = match p.tensor.rows {
-                Some(r) => r * (entry.n_elements() / entry.shape[0].max(1)),
-                None => entry.n_elements(),
-            };
+            let total = source_elements(&p.tensor, src);
+            let elem_bytes = data.element_bytes(src);
             let mut done = 0;
             while done < total {
                 let n = per_chunk.min(total - done);
                 let at = pending.len();
                 pending.resize(at + n, 0.0);
-                file.read_f32(&src.name, done, &mut pending[at..])?;
+                data.read(src, done, &mut pending[at..])?;
                 let whole = pending.len() / row_len * row_len;
                 out.resize(p.qtype.bytes_for(whole / row_len, row_len).unwrap_or(0), 0);
                 quant::quantize_rows_par(p.qtype, &pending[..whole], row_len, &mut out)?;
                 w.write_data(&out)?;
                 pending.drain(..whole);
                 done += n;
-                *bytes_done += n as u64 * entry.dtype.size() as u64;
+                *bytes_done += n as u64 * elem_bytes;
                 progress(Progress {
                     tensor: &p.tensor.name,
                     tensors_done: i,

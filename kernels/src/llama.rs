@@ -93,40 +93,75 @@ impl LlamaModel {
 
     /// The logits llama.cpp computes for the last of `tokens` (one prompt, fresh context).
     pub fn last_logits(&self, tokens: &[u32], n_threads: usize) -> Result<Vec<f32>, LlamaError> {
+        let mut ctx = LlamaContext::new(self, tokens.len() + 8, tokens.len().max(1), n_threads)?;
+        ctx.decode(tokens)?;
+        ctx.last_logits()
+    }
+}
+
+/// A llama.cpp context (KV cache + compute buffers) over a loaded model.
+pub struct LlamaContext<'m> {
+    model: &'m LlamaModel,
+    ctx: *mut sys::llama_context,
+}
+
+impl<'m> LlamaContext<'m> {
+    /// A context of `n_ctx` positions accepting batches of up to `n_batch` tokens.
+    pub fn new(model: &'m LlamaModel, n_ctx: usize, n_batch: usize, n_threads: usize) -> Result<LlamaContext<'m>, LlamaError> {
+        // SAFETY: default params are plain data; the model is live for 'm, longer than the context.
+        let ctx = unsafe {
+            let mut cp = sys::llama_context_default_params();
+            cp.n_ctx = n_ctx as u32;
+            cp.n_batch = n_batch as u32;
+            cp.n_ubatch = n_batch as u32;
+            cp.n_threads = n_threads as i32;
+            cp.n_threads_batch = n_threads as i32;
+            cp.no_perf = true;
+            sys::llama_init_from_model(model.model, cp)
+        };
+        if ctx.is_null() {
+            return Err(LlamaError::Call("could not create a context".into()));
+        }
+        Ok(LlamaContext { model, ctx })
+    }
+
+    /// Appends `tokens` to the sequence (one batch) and computes the logits of the last one.
+    pub fn decode(&mut self, tokens: &[u32]) -> Result<(), LlamaError> {
         if tokens.is_empty() {
             return Err(LlamaError::Call("no tokens".into()));
         }
         let mut toks: Vec<sys::llama_token> = tokens.iter().map(|t| *t as sys::llama_token).collect();
-        // SAFETY: the context is created from the live model and freed before returning; the batch
-        // borrows `toks`, which outlives `llama_decode`; the logits pointer is read (n_vocab floats, as
-        // llama.cpp documents) before the context is freed.
-        unsafe {
-            let mut cp = sys::llama_context_default_params();
-            cp.n_ctx = (tokens.len() + 8) as u32;
-            cp.n_batch = tokens.len() as u32;
-            cp.n_ubatch = tokens.len() as u32;
-            cp.n_threads = n_threads as i32;
-            cp.n_threads_batch = n_threads as i32;
-            cp.no_perf = true;
-            let ctx = sys::llama_init_from_model(self.model, cp);
-            if ctx.is_null() {
-                return Err(LlamaError::Call("could not create a context".into()));
-            }
-            let batch = sys::llama_batch_get_one(toks.as_mut_ptr(), toks.len() as i32);
-            let rc = sys::llama_decode(ctx, batch);
-            let result = if rc != 0 {
-                Err(LlamaError::Call(format!("llama_decode returned {rc}")))
-            } else {
-                let p = sys::llama_get_logits_ith(ctx, -1);
-                if p.is_null() {
-                    Err(LlamaError::Call("no logits".into()))
-                } else {
-                    Ok(std::slice::from_raw_parts(p, self.n_vocab()).to_vec())
-                }
-            };
-            sys::llama_free(ctx);
-            result
+        // SAFETY: the batch borrows `toks`, which outlives the call; the context is live.
+        let rc = unsafe { sys::llama_decode(self.ctx, sys::llama_batch_get_one(toks.as_mut_ptr(), toks.len() as i32)) };
+        if rc != 0 {
+            return Err(LlamaError::Call(format!("llama_decode returned {rc}")));
         }
+        Ok(())
+    }
+
+    /// Logits of the last decoded token.
+    pub fn last_logits(&self) -> Result<Vec<f32>, LlamaError> {
+        // SAFETY: llama.cpp returns n_vocab floats owned by the context (alive here), or null.
+        unsafe {
+            let p = sys::llama_get_logits_ith(self.ctx, -1);
+            if p.is_null() {
+                return Err(LlamaError::Call("no logits".into()));
+            }
+            Ok(std::slice::from_raw_parts(p, self.model.n_vocab()).to_vec())
+        }
+    }
+
+    /// Forgets every position (a fresh sequence).
+    pub fn clear(&mut self) {
+        // SAFETY: the memory handle belongs to the live context.
+        unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ctx), true) };
+    }
+}
+
+impl Drop for LlamaContext<'_> {
+    fn drop(&mut self) {
+        // SAFETY: created by llama_init_from_model and freed exactly once.
+        unsafe { sys::llama_free(self.ctx) };
     }
 }
 

@@ -1,4 +1,5 @@
 //! One module per subcommand.
+pub mod bench;
 pub mod chart;
 pub mod chat;
 pub mod compare;

@@ -16,7 +16,9 @@ Data: pictures drawn on the fly from seeds disjoint from the test split; each ex
                 near misses that share the colour or the shape)
   long answer   the same question without the instruction → "Yes, there is a … in the image." / "No, …"
   caption       "What is in the picture?" / "Describe the image." → "A red circle, a blue star and …"
-in the conversation template (conv_phi), loss on the answer and its <|endoftext|> only.
+in the conversation template (conv_phi), loss on the answer and its <|endoftext|> only. A training-only
+head on the tower (per-patch class logits, max over patches, binary cross-entropy against the classes
+present) teaches the tower to see the objects quickly; it is not part of the exported model.
 
   .venv-reference/bin/python tools/train_toy/train.py OUT_DIR [--steps N] [--threads 2]
 writes OUT_DIR/model (config.json, model.safetensors BF16, vocab.json, merges.txt, added_tokens.json,
@@ -172,15 +174,20 @@ class Toy(nn.Module):
         self.llm = PhiForCausalLM(cfg)
         nn.init.zeros_(self.llm.lm_head.bias)
         self.llm.lm_head.bias.requires_grad_(False)        # MoE-LLaVA's lm_head has no bias
+        # Training-only: per-patch presence logits of the 20 classes (max over patches = "somewhere").
+        self.presence = nn.Linear(TOWER["hidden_size"], len(world.CLASSES))
         self.moe = []
         for i in MOE_LAYERS:
             m = TrainMoE(self.llm.model.layers[i].mlp, h)
             self.llm.model.layers[i].mlp = m
             self.moe.append(m)
 
-    def image_embeds(self, pixels):
+    def image_embeds(self, pixels, with_presence: bool = False):
         feats = self.vision(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
-        return self.projector(feats)
+        emb = self.projector(feats)
+        if with_presence:
+            return emb, self.presence(feats).amax(dim=1)                    # [B, 20]
+        return emb
 
 
 def pixels_of(img) -> torch.Tensor:
@@ -193,7 +200,7 @@ def example(rng: np.random.Generator, objects: list[dict]) -> tuple[str, str]:
     """(question, answer) about a picture with `objects`."""
     present = [o["name"] for o in objects]
     kind = rng.random()
-    if kind < 0.2:
+    if kind < 0.12:
         q = "What is in the picture?" if rng.random() < 0.5 else "Describe the image."
         return q, world.caption(objects)
     yes = rng.random() < 0.5
@@ -215,7 +222,11 @@ def build_batch(model: Toy, tok: Tokenizer, pool, rng: np.random.Generator, bs: 
     emb = model.llm.get_input_embeddings()
     idx = rng.integers(0, len(pool), size=bs)
     pixels = torch.stack([pool[i][0] for i in idx])
-    img = model.image_embeds(pixels)                                        # [B, 64, H]
+    img, presence = model.image_embeds(pixels, with_presence=True)         # [B, 64, H], [B, 20]
+    present = torch.zeros(bs, len(world.CLASSES))
+    for b, i in enumerate(idx):
+        for o in pool[i][1]:
+            present[b, world.CLASSES.index(o["name"])] = 1.0
     seqs, labels = [], []
     for b, i in enumerate(idx):
         q, a = example(rng, pool[i][1])
@@ -233,7 +244,7 @@ def build_batch(model: Toy, tok: Tokenizer, pool, rng: np.random.Generator, bs: 
         x[b, : s.shape[0]] = s
         y[b, : l.shape[0]] = l
         mask[b, : s.shape[0]] = 1
-    return x, y, mask
+    return x, y, mask, F.binary_cross_entropy_with_logits(presence, present)
 
 
 @torch.no_grad()
@@ -347,18 +358,18 @@ def main() -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))))
     model.train()
     for step in range(1, args.steps + 1):
-        x, y, mask = build_batch(model, tok, pool, rng, args.batch)
+        x, y, mask, seen = build_batch(model, tok, pool, rng, args.batch)
         logits = model.llm(inputs_embeds=x, attention_mask=mask).logits
         lm = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1), ignore_index=-100)
         aux = sum(m.l_aux for m in model.moe)
-        loss = lm + AUX_COEF * aux
+        loss = lm + AUX_COEF * aux + seen
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         if step % 50 == 0 or step == 1:
-            print(f"step {step} loss {lm.item():.4f} aux {aux.item():.3f} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f} s", flush=True)
+            print(f"step {step} loss {lm.item():.4f} aux {aux.item():.3f} presence {seen.item():.3f} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f} s", flush=True)
         if step % 400 == 0 or step == args.steps:
             print(f"  held-out yes/no accuracy {quick_eval(model, tok):.3f}", flush=True)
     acc = quick_eval(model, tok, 480)

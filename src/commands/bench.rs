@@ -1,0 +1,279 @@
+//! `moellava bench`: prefill and decode speed, image encoding, TTFT, memory — side by side with
+//! llama.cpp on the same machine, in the same process, repetitions interleaved.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use moellava_kernels::llama::{LlamaContext, LlamaModel};
+use moellava_runtime::model::attention::KvCache;
+use moellava_runtime::model::llm::Trace;
+use moellava_runtime::model::moe::Gating;
+use moellava_runtime::sysinfo::peak_rss_bytes;
+use moellava_runtime::tensor_class::TensorClass;
+use moellava_runtime::Model;
+use serde_json::json;
+
+use super::options::ModelArgs;
+
+/// Measure speed and memory: prefill tokens/s at each prompt length, decode tokens/s over -n tokens
+/// after a 16-token prompt, image encoding time, time to first token with one image, peak RSS, the
+/// bytes read per decoded token (routed experts only, for MoE) and the machine's memory bandwidth,
+/// so decode can be stated as a fraction of its roofline.
+///
+/// With --peer llama.cpp, llama.cpp runs in the same process (llama-cpp-sys-2, same threads) on the
+/// language model of --peer-model (default: M.peer.gguf beside the model if it exists, else the model
+/// itself; `gen_random_model --peer` writes a dense file with the same bytes read per token for MoE
+/// models). Ours and the peer's repetitions alternate, and every metric gets a ratio ours/peer.
+///
+/// Example: moellava bench -m phi2-4e-q4.gguf -p 128,512 -n 32 -r 3 --peer llama.cpp --json
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt lengths of the prefill measurement.
+    #[arg(short = 'p', long = "prompt-lengths", default_value = "128,512", value_delimiter = ',', value_name = "P")]
+    pub prompts: Vec<usize>,
+    /// Tokens decoded in the decode measurement.
+    #[arg(short = 'n', long = "decode-tokens", default_value_t = 32, value_name = "N")]
+    pub decode: usize,
+    /// Repetitions (mean ± std).
+    #[arg(short = 'r', long = "repetitions", default_value_t = 3, value_name = "R")]
+    pub reps: usize,
+    /// Image for the encode and TTFT measurements (default: a generated 640×480 picture).
+    #[arg(long, value_name = "IMG")]
+    pub image: Option<PathBuf>,
+    /// Run a peer in the same process: `llama.cpp`.
+    #[arg(long, value_name = "PEER")]
+    pub peer: Option<String>,
+    /// The GGUF the peer loads (language model only, llama.cpp layout).
+    #[arg(long, value_name = "P.gguf")]
+    pub peer_model: Option<PathBuf>,
+    /// One JSON object: {model, quant, threads, peer, metrics: [{name, ours, ours_std, peer, peer_std, ratio}]}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+struct Series(Vec<f64>);
+
+impl Series {
+    fn mean(&self) -> f64 {
+        self.0.iter().sum::<f64>() / self.0.len().max(1) as f64
+    }
+
+    fn std(&self) -> f64 {
+        let m = self.mean();
+        (self.0.iter().map(|v| (v - m).powi(2)).sum::<f64>() / (self.0.len().max(2) - 1) as f64).sqrt()
+    }
+}
+
+/// Deterministic ordinary token ids (no specials).
+fn prompt_ids(n: usize, vocab: usize) -> Vec<u32> {
+    let span = vocab.saturating_sub(512).max(1);
+    (0..n).map(|i| (256 + (i * 7919 + 13) % span) as u32).collect()
+}
+
+fn ours_prefill(m: &Model, ids: &[u32]) -> Result<f64> {
+    let be = &m.backend;
+    let x = m.llm.embed(be, ids)?;
+    let mut cache = KvCache::new(be, &m.config.llm);
+    let t = Instant::now();
+    m.llm.forward(be, x, &mut cache, &mut Gating::Deterministic, &mut Trace::default())?;
+    Ok(ids.len() as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Decode tok/s, and the experts each MoE layer used per token (for bytes per token).
+fn ours_decode(m: &Model, n: usize) -> Result<(f64, Vec<Vec<[usize; 2]>>)> {
+    let be = &m.backend;
+    let mut cache = KvCache::new(be, &m.config.llm);
+    let vocab = m.config.llm.n_vocab;
+    let mut logits = m.llm.forward(
+        be,
+        m.llm.embed(be, &prompt_ids(16, vocab))?,
+        &mut cache,
+        &mut Gating::Deterministic,
+        &mut Trace::default(),
+    )?;
+    let mut routes = Vec::new();
+    let t = Instant::now();
+    for _ in 0..n {
+        let next = moellava_runtime::sampler::argmax(&logits);
+        let mut trace = Trace::default();
+        logits = m.llm.forward(be, m.llm.embed(be, &[next])?, &mut cache, &mut Gating::Deterministic, &mut trace)?;
+        routes.push(trace.moe.iter().map(|(_, _, r)| r.experts[0]).collect());
+    }
+    Ok((n as f64 / t.elapsed().as_secs_f64(), routes))
+}
+
+fn peer_prefill(p: &LlamaModel, ids: &[u32], threads: usize) -> Result<f64> {
+    let mut ctx = LlamaContext::new(p, ids.len() + 8, ids.len(), threads)?;
+    let t = Instant::now();
+    ctx.decode(ids)?;
+    Ok(ids.len() as f64 / t.elapsed().as_secs_f64())
+}
+
+fn peer_decode(p: &LlamaModel, n: usize, threads: usize) -> Result<f64> {
+    let vocab = p.n_vocab();
+    let mut ctx = LlamaContext::new(p, 16 + n + 8, 16, threads)?;
+    ctx.decode(&prompt_ids(16, vocab))?;
+    let t = Instant::now();
+    for _ in 0..n {
+        let next = moellava_runtime::sampler::argmax(&ctx.last_logits()?);
+        ctx.decode(&[next])?;
+    }
+    Ok(n as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Bytes of weights a decoded token reads: every language-model tensor once (one embedding row),
+/// plus, per MoE layer, the experts it routed to (mean over the measured tokens).
+fn bytes_per_token(m: &Model, routes: &[Vec<[usize; 2]>]) -> f64 {
+    let meta = &m.file.meta;
+    let mut dense = 0u64;
+    let mut expert_layer_bytes = Vec::new();
+    for t in meta.tensors() {
+        match TensorClass::of(&t.name) {
+            TensorClass::Vision | TensorClass::Projector => {}
+            TensorClass::Experts => expert_layer_bytes.push(t.n_bytes as f64 / *t.dims.last().unwrap_or(&1) as f64),
+            _ if t.name == "token_embd.weight" => dense += t.n_bytes / t.n_rows().max(1) as u64,
+            _ => dense += t.n_bytes,
+        }
+    }
+    let n_moe = m.config.moe.as_ref().map_or(0, |c| c.layers.len()).max(1);
+    let per_expert_all_layers: f64 = expert_layer_bytes.iter().sum::<f64>() / n_moe as f64; // one expert of one layer, all projections
+    let experts_per_token = routes.iter().map(|r| r.len() * 2).sum::<usize>() as f64 / routes.len().max(1) as f64;
+    dense as f64 + experts_per_token * per_expert_all_layers
+}
+
+fn test_image() -> moellava_runtime::image::Rgb8 {
+    let (w, h) = (640, 480);
+    let data = (0..w * h).flat_map(|i| {
+        let (x, y) = (i % w, i / w);
+        [(x * 255 / w) as u8, (y * 255 / h) as u8, ((x ^ y) & 0xff) as u8]
+    });
+    moellava_runtime::image::Rgb8 { width: w, height: h, data: data.collect() }
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    if a.reps == 0 || a.prompts.is_empty() || a.prompts.contains(&0) {
+        bail!("-r must be ≥ 1 and -p a list of positive prompt lengths");
+    }
+    let (model, load_s) = a.model.load()?;
+    let threads = rayon::current_num_threads();
+    let vocab = model.config.llm.n_vocab;
+    let peer = match a.peer.as_deref() {
+        None => None,
+        Some("llama.cpp") => {
+            let default_peer = a.model.model.with_extension("peer.gguf");
+            let path =
+                a.peer_model.clone().unwrap_or_else(|| if default_peer.exists() { default_peer } else { a.model.model.clone() });
+            let t = Instant::now();
+            let p = LlamaModel::load(&path).with_context(|| format!("peer llama.cpp on {}", path.display()))?;
+            Some((path, p, t.elapsed().as_secs_f64()))
+        }
+        Some(other) => bail!("--peer '{other}': the only peer is llama.cpp"),
+    };
+    let max_ctx = model.config.llm.context_length;
+    if let Some(&p) = a.prompts.iter().find(|p| **p + 8 > max_ctx) {
+        bail!("prompt length {p} exceeds the model's context length {max_ctx}");
+    }
+    let image = a.image.as_ref().map(|p| moellava_runtime::image::load(p)).transpose()?.unwrap_or_else(test_image);
+    let mut ours: Vec<(String, Series)> = Vec::new();
+    let mut theirs: Vec<(String, Series)> = Vec::new();
+    let push = |v: &mut Vec<(String, Series)>, name: String, x: f64| match v.iter_mut().find(|(n, _)| *n == name) {
+        Some((_, s)) => s.0.push(x),
+        None => v.push((name, Series(vec![x]))),
+    };
+    let mut bytes_tok = 0.0;
+    for _rep in 0..a.reps {
+        for &p in &a.prompts {
+            let ids = prompt_ids(p, vocab);
+            push(&mut ours, format!("prefill_{p}_tok_s"), ours_prefill(&model, &ids)?);
+            if let Some((_, pm, _)) = &peer {
+                push(&mut theirs, format!("prefill_{p}_tok_s"), peer_prefill(pm, &ids, threads)?);
+            }
+        }
+        let (d, routes) = ours_decode(&model, a.decode)?;
+        bytes_tok = bytes_per_token(&model, &routes);
+        push(&mut ours, "decode_tok_s".into(), d);
+        if let Some((_, pm, _)) = &peer {
+            push(&mut theirs, "decode_tok_s".into(), peer_decode(pm, a.decode, threads)?);
+        }
+        if model.vision.is_some() {
+            let be = &model.backend;
+            let t = Instant::now();
+            let px = model.pixel_values(&image)?;
+            let (_, e) = model.vision.as_ref().map(|v| v.encode(be, &px)).transpose()?.context("tower")?;
+            push(&mut ours, "image_encode_s".into(), t.elapsed().as_secs_f64());
+            drop(e);
+            let t = Instant::now();
+            let input = model.prepare(&model.question_prompt("What is in the picture?", true), Some(&image))?;
+            let mut cache = KvCache::new(be, &model.config.llm);
+            model.llm.forward(be, input.embeds, &mut cache, &mut Gating::Deterministic, &mut Trace::default())?;
+            push(&mut ours, "ttft_image_s".into(), t.elapsed().as_secs_f64());
+        }
+        push(&mut ours, "bandwidth_gb_s".into(), moellava_kernels::cpu::bandwidth::read_gb_s(1 << 29));
+    }
+    let bw = ours.iter().find(|(n, _)| n == "bandwidth_gb_s").map_or(0.0, |(_, s)| s.mean());
+    let dec = ours.iter().find(|(n, _)| n == "decode_tok_s").map_or(0.0, |(_, s)| s.mean());
+    let mut metrics = Vec::new();
+    for (name, s) in &ours {
+        let peer_s = theirs.iter().find(|(n, _)| n == name).map(|(_, s)| s);
+        metrics.push(json!({
+            "name": name, "ours": s.mean(), "ours_std": s.std(),
+            "peer": peer_s.map(Series::mean), "peer_std": peer_s.map(Series::std),
+            "ratio": peer_s.map(|p| s.mean() / p.mean()),
+        }));
+    }
+    metrics.push(json!({"name": "bytes_per_decoded_token", "ours": bytes_tok}));
+    metrics.push(json!({"name": "decode_roofline_fraction", "ours": if bw > 0.0 { dec * bytes_tok / (bw * 1e9) } else { 0.0 }}));
+    metrics.push(json!({"name": "load_s", "ours": load_s, "peer": peer.as_ref().map(|p| p.2)}));
+    metrics.push(json!({"name": "peak_rss_bytes", "ours": peak_rss_bytes()}));
+    let plan = model.file.meta.get_str(moellava_runtime::gguf::keys::moellava::QUANT_PLAN).unwrap_or("").to_string();
+    let out = json!({
+        "model": a.model.model,
+        "architecture": model.config.llm.family.arch(),
+        "moe": model.config.moe.is_some(),
+        "quant": plan,
+        "threads": threads,
+        "repetitions": a.reps,
+        "peer": peer.as_ref().map(|(p, _, _)| json!({"name": "llama.cpp", "model": p, "same_file": *p == a.model.model})),
+        "metrics": metrics,
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!(
+        "{} ({}, {}), {threads} threads, {} repetitions",
+        a.model.model.display(),
+        out["architecture"].as_str().unwrap_or(""),
+        plan,
+        a.reps
+    );
+    if let Some((p, _, _)) = &peer {
+        println!(
+            "peer: llama.cpp on {}{}",
+            p.display(),
+            if *p == a.model.model { "" } else { " (a dense file with the same bytes read per token)" }
+        );
+    }
+    println!("{:<28} {:>18} {:>18} {:>8}", "metric", "ours", "peer", "ratio");
+    for m in out["metrics"].as_array().into_iter().flatten() {
+        let f = |k: &str| m[k].as_f64();
+        let cell = |v: Option<f64>, s: Option<f64>| {
+            v.map_or("".into(), |v| match s {
+                Some(s) if s > 0.0 => format!("{v:.3} ± {s:.3}"),
+                _ => format!("{v:.3}"),
+            })
+        };
+        println!(
+            "{:<28} {:>18} {:>18} {:>8}",
+            m["name"].as_str().unwrap_or(""),
+            cell(f("ours"), f("ours_std")),
+            cell(f("peer"), f("peer_std")),
+            f("ratio").map_or("".into(), |r| format!("{r:.2}"))
+        );
+    }
+    Ok(())
+}
