@@ -51,6 +51,9 @@ TOWER_NAME = "shapes-clip-vit-b8-64"
 LLM = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512, partial_rotary_factor=0.5,
            layer_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=2048)
 MOE_LAYERS, N_EXPERTS, AUX_COEF = [0, 2], 4, 0.01
+CAPTION_SHARE = 0.12
+PROBE_WEIGHT = 1.0
+PROBE_LAYER = 2      # hidden_states index (output of layer 1) read by the training-only probes
 TRAIN_SEED_BASE = 10_000_000          # test pictures use seeds near 424242 · 1000003
 
 
@@ -174,8 +177,13 @@ class Toy(nn.Module):
         self.llm = PhiForCausalLM(cfg)
         nn.init.zeros_(self.llm.lm_head.bias)
         self.llm.lm_head.bias.requires_grad_(False)        # MoE-LLaVA's lm_head has no bias
-        # Training-only: per-patch presence logits of the 20 classes (max over patches = "somewhere").
+        # Training-only: per-patch presence logits of the 20 classes, averaged over the patches.
         self.presence = nn.Linear(TOWER["hidden_size"], len(world.CLASSES))
+        # Training-only probes on the language model at the position that predicts the answer: which classes the
+        # picture holds, and which class the question asks about. They make the image and the question meet there
+        # early, which breaks the long "always answer the same" plateau of plain next-token training.
+        self.probe_seen = nn.Linear(h, len(world.CLASSES))
+        self.probe_asked = nn.Linear(h, len(world.CLASSES))
         self.moe = []
         for i in MOE_LAYERS:
             m = TrainMoE(self.llm.model.layers[i].mlp, h)
@@ -186,7 +194,9 @@ class Toy(nn.Module):
         feats = self.vision(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
         emb = self.projector(feats)
         if with_presence:
-            return emb, self.presence(feats).amax(dim=1)                    # [B, 20]
+            # Mean, not max, over patches: every patch must carry the whole picture's inventory, so that
+            # any attention pattern of the language model over the image tokens finds it.
+            return emb, self.presence(feats).mean(dim=1)                    # [B, 20]
         return emb
 
 
@@ -196,13 +206,13 @@ def pixels_of(img) -> torch.Tensor:
     return torch.from_numpy(a.transpose(2, 0, 1).copy())
 
 
-def example(rng: np.random.Generator, objects: list[dict]) -> tuple[str, str]:
-    """(question, answer) about a picture with `objects`."""
+def example(rng: np.random.Generator, objects: list[dict]) -> tuple[str, str, int]:
+    """(question, answer, index of the class asked about or -1 for a caption) about a picture with `objects`."""
     present = [o["name"] for o in objects]
     kind = rng.random()
-    if kind < 0.12:
+    if kind < CAPTION_SHARE:
         q = "What is in the picture?" if rng.random() < 0.5 else "Describe the image."
-        return q, world.caption(objects)
+        return q, world.caption(objects), -1
     yes = rng.random() < 0.5
     if yes:
         obj = present[rng.integers(0, len(present))]
@@ -211,10 +221,11 @@ def example(rng: np.random.Generator, objects: list[dict]) -> tuple[str, str]:
         near = [c for c in absent if any(c.split()[0] == p.split()[0] or c.split()[1] == p.split()[1] for p in present)]
         pool = near if (near and rng.random() < 0.6) else absent
         obj = pool[rng.integers(0, len(pool))]
+    cls = world.CLASSES.index(obj)
     if kind < 0.85:
-        return f"Is there a {obj} in the image?" + world.POPE_INSTRUCTION, "Yes" if yes else "No"
+        return f"Is there a {obj} in the image?" + world.POPE_INSTRUCTION, "Yes" if yes else "No", cls
     long = f"Yes, there is a {obj} in the image." if yes else f"No, there is no {obj} in the image."
-    return f"Is there a {obj} in the image?", long
+    return f"Is there a {obj} in the image?", long, cls
 
 
 def build_batch(model: Toy, tok: Tokenizer, pool, rng: np.random.Generator, bs: int):
@@ -227,15 +238,17 @@ def build_batch(model: Toy, tok: Tokenizer, pool, rng: np.random.Generator, bs: 
     for b, i in enumerate(idx):
         for o in pool[i][1]:
             present[b, world.CLASSES.index(o["name"])] = 1.0
-    seqs, labels = [], []
+    seqs, labels, last, asked = [], [], [], []
     for b, i in enumerate(idx):
-        q, a = example(rng, pool[i][1])
+        q, a, cls = example(rng, pool[i][1])
+        asked.append(cls)
         head = tok.encode(f"{SYSTEM} USER: ")
         tail = tok.encode(f"\n{q} ASSISTANT:")
         ans = tok.encode(f" {a}") + [tok.eot]
         ids_tail = torch.tensor(tail + ans)
         seqs.append(torch.cat([emb(torch.tensor(head)), img[b], emb(ids_tail)]))
         labels.append(torch.tensor([-100] * (len(head) + img.shape[1] + len(tail)) + ans))
+        last.append(len(head) + img.shape[1] + len(tail) - 1)
     t = max(s.shape[0] for s in seqs)
     x = torch.zeros(bs, t, seqs[0].shape[1])
     y = torch.full((bs, t), -100)
@@ -244,7 +257,7 @@ def build_batch(model: Toy, tok: Tokenizer, pool, rng: np.random.Generator, bs: 
         x[b, : s.shape[0]] = s
         y[b, : l.shape[0]] = l
         mask[b, : s.shape[0]] = 1
-    return x, y, mask, F.binary_cross_entropy_with_logits(presence, present)
+    return x, y, mask, F.binary_cross_entropy_with_logits(presence, present), present, torch.tensor(last), torch.tensor(asked)
 
 
 @torch.no_grad()
@@ -256,9 +269,9 @@ def quick_eval(model: Toy, tok: Tokenizer, n: int = 240) -> float:
     correct = 0
     for k in range(n):
         img, _, objs = world.picture(TRAIN_SEED_BASE - 1 - k, 3, 4)
-        q, a = example(np.random.default_rng(k), objs)
+        q, a, _ = example(np.random.default_rng(k), objs)
         while not q.endswith(world.POPE_INSTRUCTION):
-            q, a = example(rng, objs)
+            q, a, _ = example(rng, objs)
         emb = model.llm.get_input_embeddings()
         x = torch.cat([emb(torch.tensor(tok.encode(f"{SYSTEM} USER: "))), model.image_embeds(pixels_of(img)[None])[0],
                        emb(torch.tensor(tok.encode(f"\n{q} ASSISTANT:")))])[None]
@@ -339,6 +352,7 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=6000, help="distinct training pictures")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-every", type=int, default=400)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -358,19 +372,28 @@ def main() -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))))
     model.train()
     for step in range(1, args.steps + 1):
-        x, y, mask, seen = build_batch(model, tok, pool, rng, args.batch)
-        logits = model.llm(inputs_embeds=x, attention_mask=mask).logits
-        lm = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1), ignore_index=-100)
+        x, y, mask, seen, present, last, asked = build_batch(model, tok, pool, rng, args.batch)
+        out = model.llm(inputs_embeds=x, attention_mask=mask, output_hidden_states=True)
+        logits = out.logits
+        # Per-example mean over answer tokens, then mean over the batch: a one-token "Yes" counts as much as a caption.
+        tok_loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), y[:, 1:], ignore_index=-100, reduction="none")
+        n_ans = (y[:, 1:] != -100).sum(1).clamp_min(1)
+        lm = (tok_loss.sum(1) / n_ans).mean()
+        hid = out.hidden_states[PROBE_LAYER][torch.arange(x.shape[0]), last]            # [B, H]
+        probe = F.binary_cross_entropy_with_logits(model.probe_seen(hid), present)
+        q_rows = asked >= 0
+        if q_rows.any():
+            probe = probe + F.cross_entropy(model.probe_asked(hid[q_rows]), asked[q_rows])
         aux = sum(m.l_aux for m in model.moe)
-        loss = lm + AUX_COEF * aux + seen
+        loss = lm + AUX_COEF * aux + seen + PROBE_WEIGHT * probe
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         if step % 50 == 0 or step == 1:
-            print(f"step {step} loss {lm.item():.4f} aux {aux.item():.3f} presence {seen.item():.3f} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f} s", flush=True)
-        if step % 400 == 0 or step == args.steps:
+            print(f"step {step} loss {lm.item():.4f} aux {aux.item():.3f} presence {seen.item():.3f} probe {probe.item():.3f} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f} s", flush=True)
+        if step % args.eval_every == 0 or step == args.steps:
             print(f"  held-out yes/no accuracy {quick_eval(model, tok):.3f}", flush=True)
     acc = quick_eval(model, tok, 480)
     print(f"final held-out yes/no accuracy {acc:.3f}; {time.time() - t0:.0f} s", flush=True)

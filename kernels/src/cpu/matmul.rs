@@ -69,8 +69,21 @@ pub fn quantize_activations(qtype: QuantType, x: &[f32], n_cols: usize) -> Resul
     Ok(QuantizedActivations { bytes, row_bytes })
 }
 
+/// Tokens from which a matmul goes through ggml's batched `mul_mat` ([`super::gemm`]) rather than
+/// one `vec_dot` per (row, token). One token (decode) stays here: no thread hand-off to ggml's pool.
+pub const GEMM_MIN_TOKENS: usize = 2;
+
 /// `out[T, N] = x[T, K] · W[N, K]ᵀ`.
 pub fn matmul(w: QMatRef, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
+    if w.n_cols > 0 && x.len() / w.n_cols >= GEMM_MIN_TOKENS {
+        return super::gemm::gemm(w, x, out);
+    }
+    matmul_vec_dot(w, x, out)
+}
+
+/// `out[T, N] = x[T, K] · W[N, K]ᵀ` with one ggml `vec_dot` per (weight row, token), threaded over
+/// weight rows with rayon (each row is read once and used for every token).
+pub fn matmul_vec_dot(w: QMatRef, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
     let (n, k) = (w.n_rows, w.n_cols);
     if x.len() % k != 0 {
         return Err(QuantError::Length {

@@ -1,8 +1,9 @@
 //! CPU kernels: quantized matmul over ggml's `vec_dot`, and the f32 activation ops.
 
 pub mod bandwidth;
+pub mod gemm;
 pub mod matmul;
 pub mod ops;
 
-pub use matmul::{get_rows, matmul, QMatRef};
+pub use matmul::{get_rows, matmul, matmul_vec_dot, QMatRef};
 pub use ops::Activation;

@@ -141,6 +141,34 @@ pub fn softmax(row: &mut [f32]) {
 /// absolute position `first_pos + t` and, when `causal`, sees keys at positions ≤ its own.
 /// Heads share KV heads in groups of n_head / n_kv_head. Returns `[T, n_head·hd]`.
 #[allow(clippy::too_many_arguments)]
+/// `Σ a[i]·b[i]` in 16 independent f32 lanes (summed pairwise at the end), so the compiler can keep
+/// them in SIMD registers; a plain sequential sum cannot be vectorised without reassociation.
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut tail = 0f32;
+    for (x, y) in ra.iter().zip(rb) {
+        tail += x * y;
+    }
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for l in 0..w {
+            acc[l] += acc[l + w];
+        }
+    }
+    acc[0] + tail
+}
+
 pub fn attention(
     q: &[f32],
     k: &[f32],
@@ -166,7 +194,7 @@ pub fn attention(
         let mut scores: Vec<f32> = (0..visible)
             .map(|j| {
                 let kv = &k[j * kw + kvh * hd..j * kw + (kvh + 1) * hd];
-                qv.iter().zip(kv).map(|(a, b)| a * b).sum::<f32>() * scale
+                dot_f32(qv, kv) * scale
             })
             .collect();
         softmax(&mut scores);
@@ -209,5 +237,16 @@ mod tests {
         let mean: f32 = x.iter().sum::<f32>() / 4.0;
         let var: f32 = x.iter().map(|v| v * v).sum::<f32>() / 4.0;
         assert!(mean.abs() < 1e-6 && (var - 1.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn dot_f32_matches_f64_reference_at_every_length() {
+        for n in [0usize, 1, 15, 16, 17, 64, 80, 129] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.7).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.3).cos()).collect();
+            let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+            let scale: f64 = a.iter().zip(&b).map(|(x, y)| (*x as f64 * *y as f64).abs()).sum::<f64>().max(1.0);
+            assert!((dot_f32(&a, &b) as f64 - exact).abs() <= 1e-6 * scale, "n={n}");
+        }
     }
 }

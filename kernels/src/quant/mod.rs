@@ -10,7 +10,8 @@ pub use ggml::{
 };
 pub use types::{GgmlType, QuantType};
 
-/// Errors of the block-format functions: always a caller mistake caught before ggml sees it.
+/// Errors of the block-format functions: a caller mistake caught before ggml sees it, or (`Ggml`) a
+/// failure ggml itself reported (it cannot start its threads, say).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum QuantError {
     #[error("{what}: expected {expected}, got {got}")]
@@ -21,4 +22,6 @@ pub enum QuantError {
     Unsupported { op: &'static str, qtype: GgmlType },
     #[error("tensor size overflows")]
     Overflow,
+    #[error("ggml {what} failed with status {status}")]
+    Ggml { what: &'static str, status: i32 },
 }

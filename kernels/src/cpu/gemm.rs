@@ -1,0 +1,181 @@
+//! Batched quantized matmul through ggml's own CPU `mul_mat` (a one-node ggml graph over our buffers):
+//! for several tokens at once (prefill, the vision tower) ggml's kernel — llamafile's tinyBLAS where the
+//! type and the CPU allow it, else ggml's blocked `vec_dot` — beats calling `vec_dot` per (row, token).
+//!
+//! Dims: T = n_tokens (activation rows), K = n_cols (shared), N = n_rows (weight rows / outputs).
+//! ggml's view of the same buffers: src0 = W with ne = [K, N], src1 = x with ne = [K, T],
+//! dst = out with ne = [N, T] — row-major `out[T, N]`, exactly our layout, so nothing is copied.
+//!
+//! One persistent ggml thread pool per process (created on first use with rayon's thread count, then
+//! reused), so no call spawns threads. Calls are serialised by a mutex: the model runs one matmul at a time.
+
+use std::ffi::c_void;
+use std::ptr;
+use std::sync::Mutex;
+
+use llama_cpp_sys_2 as sys;
+
+use super::matmul::QMatRef;
+use crate::quant::{self, QuantError};
+
+/// ggml's worker threads plus the scratch buffer its plans ask for (activations converted to the
+/// weight type's dot partner live there).
+struct Pool {
+    threadpool: *mut sys::ggml_threadpool,
+    n_threads: usize,
+    work: Vec<u8>,
+}
+
+// SAFETY: the pool is only ever touched with `POOL`'s mutex held, so at most one thread uses the
+// ggml thread pool handle at a time; ggml's pool itself is made to be driven from any thread.
+unsafe impl Send for Pool {}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // SAFETY: `threadpool` came from `ggml_threadpool_new`, is non-null and is freed exactly once here.
+        unsafe { sys::ggml_threadpool_free(self.threadpool) };
+    }
+}
+
+static POOL: Mutex<Option<Pool>> = Mutex::new(None);
+
+fn with_pool<R>(n_threads: usize, f: impl FnOnce(&mut Pool) -> R) -> R {
+    let mut guard = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    if guard.as_ref().map(|p| p.n_threads) != Some(n_threads) {
+        *guard = None;
+        // SAFETY: plain-data parameters from ggml's own defaults; `ggml_threadpool_new` copies them.
+        let threadpool = unsafe {
+            let mut params = sys::ggml_threadpool_params_default(n_threads as i32);
+            params.poll = 0; // sleep between calls instead of spinning against rayon's workers
+            sys::ggml_threadpool_new(&mut params)
+        };
+        assert!(!threadpool.is_null(), "ggml could not start {n_threads} threads");
+        *guard = Some(Pool { threadpool, n_threads, work: Vec::new() });
+    }
+    f(guard.as_mut().expect("pool was just created"))
+}
+
+/// Owns a ggml context that holds only tensor headers and one graph (no tensor data).
+struct Ctx(*mut sys::ggml_context);
+
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        // SAFETY: the context came from `ggml_init`, is non-null and is freed exactly once here.
+        unsafe { sys::ggml_free(self.0) };
+    }
+}
+
+/// `out[T, N] = x[T, K] · W[N, K]ᵀ` through ggml's `mul_mat`. Same contract as [`super::matmul`].
+pub fn gemm(w: QMatRef, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
+    let (n, k) = (w.n_rows, w.n_cols);
+    let t = x.len() / k.max(1);
+    if k == 0 || x.len() != t * k {
+        return Err(QuantError::Length { what: "activation values (a whole number of rows)", expected: t * k, got: x.len() });
+    }
+    if out.len() != t * n {
+        return Err(QuantError::Length { what: "output values", expected: t * n, got: out.len() });
+    }
+    let want = w.qtype.bytes_for(n, k).ok_or(QuantError::Overflow)?;
+    if w.data.len() != want {
+        return Err(QuantError::Length { what: "weight bytes", expected: want, got: w.data.len() });
+    }
+    if t == 0 || n == 0 {
+        return Ok(());
+    }
+    quant::init();
+    let n_threads = rayon::current_num_threads().max(1);
+    // SAFETY: sizes are the headers' own (3 tensors + 1 graph) plus slack; `no_alloc` means ggml never
+    // allocates tensor data in this context.
+    let ctx = Ctx(unsafe {
+        sys::ggml_init(sys::ggml_init_params {
+            mem_size: 3 * sys::ggml_tensor_overhead() + sys::ggml_graph_overhead() + 1024,
+            mem_buffer: ptr::null_mut(),
+            no_alloc: true,
+        })
+    });
+    if ctx.0.is_null() {
+        return Err(QuantError::Overflow);
+    }
+    with_pool(n_threads, |pool| {
+        // SAFETY: every tensor is created in `ctx` (alive until the end of this block) with shapes whose
+        // byte sizes were checked above: src0 = [K, N] of `w.qtype` over exactly `w.data` (K is a whole
+        // number of blocks: `QMatRef` and `bytes_for` guarantee it), src1 = [K, T] f32 over `x`,
+        // dst = [N, T] f32 over `out`. ggml only reads src0/src1 (the `*mut` casts never write through)
+        // and writes dst, which we borrow mutably. The plan's scratch buffer is `pool.work`, resized to
+        // the size ggml asked for, and the pool's thread count matches the plan's.
+        unsafe {
+            let w_t = sys::ggml_new_tensor_2d(ctx.0, w.qtype.id() as sys::ggml_type, k as i64, n as i64);
+            let x_t = sys::ggml_new_tensor_2d(ctx.0, sys::GGML_TYPE_F32 as sys::ggml_type, k as i64, t as i64);
+            (*w_t).data = w.data.as_ptr() as *mut c_void;
+            (*x_t).data = x.as_ptr() as *mut c_void;
+            let y_t = sys::ggml_mul_mat(ctx.0, w_t, x_t);
+            (*y_t).data = out.as_mut_ptr() as *mut c_void;
+            let graph = sys::ggml_new_graph(ctx.0);
+            sys::ggml_build_forward_expand(graph, y_t);
+            let mut plan = sys::ggml_graph_plan(graph, n_threads as i32, pool.threadpool);
+            if pool.work.len() < plan.work_size {
+                pool.work.resize(plan.work_size, 0);
+            }
+            plan.work_data = if plan.work_size > 0 { pool.work.as_mut_ptr() } else { ptr::null_mut() };
+            let status = sys::ggml_graph_compute(graph, &mut plan);
+            if status != sys::GGML_STATUS_SUCCESS {
+                return Err(QuantError::Ggml { what: "mul_mat graph", status: status as i32 });
+            }
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::matmul::matmul_vec_dot;
+    use super::*;
+    use crate::QuantType;
+
+    fn signal(n: usize, k: f32) -> Vec<f32> {
+        (0..n).map(|i| ((i as f32) * k).sin()).collect()
+    }
+
+    /// ggml's mul_mat and our per-row vec_dot convert the activations the same way, so they agree to
+    /// float summation order.
+    const SAME_MATH_REL_TOL: f32 = 1e-4;
+
+    #[test]
+    fn gemm_matches_vec_dot_matmul_for_every_type() {
+        let (n, k) = (70, 512);
+        for q in [
+            QuantType::F32,
+            QuantType::F16,
+            QuantType::BF16,
+            QuantType::Q8_0,
+            QuantType::Q4_0,
+            QuantType::Q4_1,
+            QuantType::Q5_0,
+            QuantType::Q5_1,
+            QuantType::Q4_K,
+            QuantType::Q5_K,
+            QuantType::Q6_K,
+        ] {
+            let wq = quant::quantize_rows_vec(q, &signal(n * k, 0.37), k).unwrap();
+            let w = QMatRef::new(&wq, q, n, k).unwrap();
+            for t in [1usize, 2, 7, 33] {
+                let x = signal(t * k, 0.11);
+                let (mut a, mut b) = (vec![0f32; t * n], vec![0f32; t * n]);
+                gemm(w, &x, &mut a).unwrap();
+                matmul_vec_dot(w, &x, &mut b).unwrap();
+                let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+                for (i, (p, q_)) in a.iter().zip(&b).enumerate() {
+                    assert!((p - q_).abs() <= SAME_MATH_REL_TOL * scale, "{q} t={t} [{i}]: {p} vs {q_}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_rejects_wrong_lengths() {
+        let wq = quant::quantize_rows_vec(QuantType::Q8_0, &signal(4 * 64, 0.3), 64).unwrap();
+        let w = QMatRef::new(&wq, QuantType::Q8_0, 4, 64).unwrap();
+        assert!(gemm(w, &[0.0; 65], &mut [0.0; 4]).is_err());
+        assert!(gemm(w, &[0.0; 128], &mut [0.0; 4]).is_err());
+    }
+}
