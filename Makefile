@@ -58,13 +58,30 @@ fixtures:
 	diff -r tests/fixtures/model $(BUILD)/fixtures-again/model && diff -r tests/fixtures/images $(BUILD)/fixtures-again/images
 	$(REF_PY) tools/reference/selftest.py tests/fixtures
 
+# The demo: the model the project trained (models/moellava-toy) converted at three quant plans, one picture
+# described and questioned with each, then POPE on the held-out split with each and the comparison.
+TOY  := models/moellava-toy
+DEMO := $(BUILD)/demo
+MOELLAVA := ./target/release/moellava
 demo: setup
 	cargo build --release --quiet
-	$(PY) tools/gen_checkpoint.py --backbone phi2 --tower clip --out $(BUILD)/demo/phi2-clip
-	./target/release/moellava convert $(BUILD)/demo/phi2-clip/model -o $(BUILD)/demo/phi2-clip-q4.gguf --preset q4 --force
-	./target/release/moellava inspect $(BUILD)/demo/phi2-clip-q4.gguf | tail -n 16
-	./target/release/moellava run -m $(BUILD)/demo/phi2-clip-q4.gguf --image tests/fixtures/images/wide.png \
-	    -p "Is there a chair in the image?" --max-new-tokens 16
+	@mkdir -p $(DEMO)
+	$(MOELLAVA) convert $(TOY)/model -o $(DEMO)/toy-f16.gguf --type f16 --force --quiet
+	$(MOELLAVA) convert $(TOY)/model -o $(DEMO)/toy-q8_0.gguf --type f16 --experts q8_0 --force --quiet
+	$(MOELLAVA) convert $(TOY)/model -o $(DEMO)/toy-q4.gguf --preset q4 --force --quiet
+	$(MOELLAVA) inspect $(DEMO)/toy-q4.gguf | tail -n 12
+	@for plan in f16 q8_0 q4; do \
+	  echo "== $$plan: $(TOY)/example.png"; \
+	  $(MOELLAVA) run -m $(DEMO)/toy-$$plan.gguf --image $(TOY)/example.png -p "Describe the image." --max-new-tokens 32 || exit 1; \
+	  $(MOELLAVA) run -m $(DEMO)/toy-$$plan.gguf --image $(TOY)/example.png -p "Is there a red circle in the image?" --max-new-tokens 16 || exit 1; \
+	done
+	@for plan in f16 q8_0 q4; do \
+	  rm -rf $(DEMO)/pope-$$plan; \
+	  $(MOELLAVA) pope -m $(DEMO)/toy-$$plan.gguf --question-file $(TOY)/pope/llava_pope_test.jsonl \
+	    --image-folder $(TOY)/pope/images --annotation-dir $(TOY)/pope/coco --out $(DEMO)/pope-$$plan || exit 1; \
+	done
+	$(MOELLAVA) compare $(DEMO)/pope-f16 $(DEMO)/pope-q8_0 $(DEMO)/pope-q4 --png $(DEMO)/pope-compare.png
+	@echo "chart: $(DEMO)/pope-compare.png"
 
 clean-build:
 	rm -rf $(BUILD)

@@ -27,9 +27,18 @@ pub fn render(path: &Path, runs: &[Run]) -> Result<()> {
         let _ = register_font("sans-serif", FontStyle::Bold, dejavu::sans::bold());
     });
     let cats: Vec<String> = runs[0].score.categories.keys().cloned().collect();
-    let root = BitMapBackend::new(path, (1200, 560)).into_drawing_area();
+    let root = BitMapBackend::new(path, (1200, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
-    let (left, right) = root.split_horizontally(600);
+    // A shared legend strip on top, so that no bar is ever hidden behind it.
+    let (legend, charts) = root.split_vertically(44);
+    let mut x = 60;
+    for (ri, r) in runs.iter().enumerate() {
+        let colour = PALETTE[ri % PALETTE.len()];
+        legend.draw(&Rectangle::new([(x, 16), (x + 16, 32)], colour.filled())).map_err(|e| anyhow!("{e}"))?;
+        legend.draw(&Text::new(r.name.clone(), (x + 22, 15), ("sans-serif", 16))).map_err(|e| anyhow!("{e}"))?;
+        x += 40 + 9 * r.name.chars().count() as i32;
+    }
+    let (left, right) = charts.split_horizontally(600);
     for (area, metric, title) in [(left, "accuracy", "Accuracy (%)"), (right, "f1", "F1 (%)")] {
         let values: Vec<Vec<f64>> = runs
             .iter()
@@ -55,13 +64,21 @@ pub fn render(path: &Path, runs: &[Run]) -> Result<()> {
         chart
             .configure_mesh()
             .disable_x_mesh()
-            .x_labels(cats.len())
-            .x_label_formatter(&|x| cats.get((*x - 0.5).round() as usize).cloned().unwrap_or_default())
+            // Ticks every half unit; the names sit on the half-way ticks, under their group of bars.
+            .x_labels(2 * cats.len() + 1)
+            .x_label_formatter(&|x| {
+                let half = (*x * 2.0).round() as i64;
+                if half % 2 == 1 {
+                    cats.get((half / 2) as usize).cloned().unwrap_or_default()
+                } else {
+                    String::new()
+                }
+            })
             .y_desc(title)
             .label_style(("sans-serif", 15))
             .draw()
             .map_err(|e| anyhow!("{e}"))?;
-        for (ri, (r, vals)) in runs.iter().zip(&values).enumerate() {
+        for (ri, vals) in values.iter().enumerate() {
             let colour = PALETTE[ri % PALETTE.len()];
             let w = 0.8 / n;
             chart
@@ -69,9 +86,7 @@ pub fn render(path: &Path, runs: &[Run]) -> Result<()> {
                     let x0 = ci as f64 + 0.1 + ri as f64 * w;
                     Rectangle::new([(x0, y0), (x0 + w * 0.92, *v)], colour.filled())
                 }))
-                .map_err(|e| anyhow!("{e}"))?
-                .label(r.name.clone())
-                .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], colour.filled()));
+                .map_err(|e| anyhow!("{e}"))?;
             chart
                 .draw_series(vals.iter().enumerate().map(|(ci, v)| {
                     let x = ci as f64 + 0.1 + ri as f64 * w + w * 0.46;
@@ -79,14 +94,6 @@ pub fn render(path: &Path, runs: &[Run]) -> Result<()> {
                 }))
                 .map_err(|e| anyhow!("{e}"))?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.9))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 15))
-            .draw()
-            .map_err(|e| anyhow!("{e}"))?;
     }
     root.present().map_err(|e| anyhow!("{e}"))?;
     Ok(())

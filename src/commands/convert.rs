@@ -35,6 +35,7 @@ use moellava_runtime::inspect::human_bytes;
 ///   moellava convert MoE-LLaVA-Phi2-2.7B-4e -o phi2-q4.gguf --preset q4
 ///   moellava convert ckpt/ --vision-tower clip-vit-large-patch14-336/ -o m.gguf --experts q4_k --dense q8_0
 #[derive(Args)]
+#[command(verbatim_doc_comment)]
 pub struct ConvertArgs {
     /// Checkpoint directory (config.json, *.safetensors, tokenizer files).
     pub hf_dir: PathBuf,

@@ -30,7 +30,7 @@ use super::options::{GenArgs, ModelArgs};
 ///   moellava pope score --annotation-dir eval/pope/coco --question-file eval/pope/llava_pope_test.jsonl \
 ///       --result-file runs/q4/answers.jsonl --json
 #[derive(Args)]
-#[command(args_conflicts_with_subcommands = true)]
+#[command(args_conflicts_with_subcommands = true, verbatim_doc_comment)]
 pub struct PopeArgs {
     #[command(subcommand)]
     pub sub: Option<PopeSub>,

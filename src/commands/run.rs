@@ -23,6 +23,7 @@ use super::options::{GenArgs, ModelArgs};
 ///   moellava run -m m.gguf --raw-prompt -p "USER: <image>
 /// Describe it. ASSISTANT:" --image x.png --temperature 0.2 --seed 7
 #[derive(Args)]
+#[command(verbatim_doc_comment)]
 pub struct RunArgs {
     #[command(flatten)]
     pub model: ModelArgs,

@@ -4,25 +4,30 @@ shapes world (tools/shapes_world), so that "quantized vs FP16 POPE" is a real me
 answers sensibly. A toy: 64-pixel pictures of coloured shapes, not photographs.
 
 Architecture (every matrix multiple of 256 on the language side, so every quant type applies to the
-experts): CLIP-layout tower (64 px, patch 8 → 64 patches, width 128, 3 layers, quick-GELU; features
+experts): CLIP-layout tower (64 px, patch 16 → 16 patches, width 128, 3 layers, quick-GELU; features
 from layer −2, class token dropped) → mlp2x_gelu projector → Phi-2-layout language model (hidden 256,
 4 layers, 4 heads of 64 with rotary on 32 dims, GELU-tanh MLP 512, LayerNorm, parallel block) with MoE on layers
 0 and 2: 4 experts, top-2, DeepSpeed-style gate (fp32 softmax; Gumbel-sampled second expert while
 training, as MoE-LLaVA trains) and MoE-Tuning's load-balancing loss (router_aux_loss_coef 0.01).
 
-Data: pictures drawn on the fly from seeds disjoint from the test split; each example is one of
+Data: pictures drawn on the fly from seeds disjoint from the test split's; each example is one of
   POPE-style    "Is there a {colour} {shape} in the image?\\nAnswer the question using a single word or
-                phrase." → "Yes" / "No" (negatives: random, frequent and co-occurring classes, and
-                near misses that share the colour or the shape)
+                phrase." → "Yes" / "No" (negatives: random classes, and near misses that share the colour
+                or the shape with an object present)
   long answer   the same question without the instruction → "Yes, there is a … in the image." / "No, …"
   caption       "What is in the picture?" / "Describe the image." → "A red circle, a blue star and …"
-in the conversation template (conv_phi), loss on the answer and its <|endoftext|> only. A training-only
-head on the tower (per-patch class logits, max over patches, binary cross-entropy against the classes
-present) teaches the tower to see the objects quickly; it is not part of the exported model.
+in the conversation template (conv_phi), loss on the answer and its <|endoftext|> only, averaged per
+example (a one-word answer weighs as much as a caption).
 
-  .venv-reference/bin/python tools/train_toy/train.py OUT_DIR [--steps N] [--threads 2]
+Training-only heads, not part of the exported model: on the tower, per-patch class logits pooled over
+the patches (--presence-pool) against the classes present (binary cross-entropy), which teaches the tower
+to see the objects quickly; on the language model, at the position that predicts the answer (after layer
+1), linear probes for the classes present and for the class asked about, which make the picture and the
+question meet early. Without them the language model sits on a constant answer for thousands of steps.
+
+  .venv-reference/bin/python tools/train_toy/train.py OUT_DIR        # ~22 min on one core of the CI machine
 writes OUT_DIR/model (config.json, model.safetensors BF16, vocab.json, merges.txt, added_tokens.json,
-tokenizer_config.json) and OUT_DIR/shapes-clip-vit-b8-64 (the tower, CLIPVisionModel layout).
+tokenizer_config.json) and OUT_DIR/shapes-clip-vit-b16-64 (the tower, CLIPVisionModel layout).
 Deterministic for a seed and thread count.
 """
 import argparse
@@ -47,11 +52,11 @@ SYSTEM = gc.SYSTEM
 MEAN, STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 TOWER = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_hidden_layers=3, image_size=64, patch_size=8,
              hidden_act="quick_gelu", layer_norm_eps=1e-5, num_channels=3, projection_dim=128)
-TOWER_NAME = "shapes-clip-vit-b8-64"
+PRESENCE_POOL = "mean"
 LLM = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512, partial_rotary_factor=0.5,
            layer_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=2048)
 MOE_LAYERS, N_EXPERTS, AUX_COEF = [0, 2], 4, 0.01
-CAPTION_SHARE = 0.12
+CAPTION_SHARE = 0.25
 PROBE_WEIGHT = 1.0
 PROBE_LAYER = 2      # hidden_states index (output of layer 1) read by the training-only probes
 TRAIN_SEED_BASE = 10_000_000          # test pictures use seeds near 424242 · 1000003
@@ -177,8 +182,9 @@ class Toy(nn.Module):
         self.llm = PhiForCausalLM(cfg)
         nn.init.zeros_(self.llm.lm_head.bias)
         self.llm.lm_head.bias.requires_grad_(False)        # MoE-LLaVA's lm_head has no bias
-        # Training-only: per-patch presence logits of the 20 classes, averaged over the patches.
+        # Training-only: per-patch presence logits of the 20 classes, pooled over the patches (--presence-pool).
         self.presence = nn.Linear(TOWER["hidden_size"], len(world.CLASSES))
+        self.patch_head = nn.Linear(TOWER["hidden_size"], len(world.CLASSES))     # stage 0 only: class per patch
         # Training-only probes on the language model at the position that predicts the answer: which classes the
         # picture holds, and which class the question asks about. They make the image and the question meet there
         # early, which breaks the long "always answer the same" plateau of plain next-token training.
@@ -190,13 +196,18 @@ class Toy(nn.Module):
             self.llm.model.layers[i].mlp = m
             self.moe.append(m)
 
+    def tower_features(self, pixels):
+        return self.vision(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]    # [B, P, 128]
+
+    def presence_logits(self, feats):
+        per_patch = self.presence(feats)                                                 # [B, P, 20]
+        return per_patch.mean(dim=1) if PRESENCE_POOL == "mean" else per_patch.amax(dim=1)
+
     def image_embeds(self, pixels, with_presence: bool = False):
-        feats = self.vision(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        feats = self.tower_features(pixels)
         emb = self.projector(feats)
         if with_presence:
-            # Mean, not max, over patches: every patch must carry the whole picture's inventory, so that
-            # any attention pattern of the language model over the image tokens finds it.
-            return emb, self.presence(feats).mean(dim=1)                    # [B, 20]
+            return emb, self.presence_logits(feats)
         return emb
 
 
@@ -226,6 +237,51 @@ def example(rng: np.random.Generator, objects: list[dict]) -> tuple[str, str, in
         return f"Is there a {obj} in the image?" + world.POPE_INSTRUCTION, "Yes" if yes else "No", cls
     long = f"Yes, there is a {obj} in the image." if yes else f"No, there is no {obj} in the image."
     return f"Is there a {obj} in the image?", long, cls
+
+
+def patch_targets(objects: list[dict]) -> torch.Tensor:
+    """[P, 20]: 1 where an object's disc covers part of the patch (4×4 sample points per patch)."""
+    ps = TOWER["patch_size"]
+    g = TOWER["image_size"] // ps
+    t = torch.zeros(g * g, len(world.CLASSES))
+    offs = (np.arange(4) + 0.5) * ps / 4
+    for o in objects:
+        cx, cy, r = o["center_radius"]
+        k = world.CLASSES.index(o["name"])
+        for gy in range(g):
+            for gx in range(g):
+                xs, ys = gx * ps + offs, gy * ps + offs
+                if ((xs[None, :] - cx) ** 2 + (ys[:, None] - cy) ** 2 <= (0.8 * r) ** 2).any():
+                    t[gy * g + gx, k] = 1.0
+    return t
+
+
+def pretrain_tower(model: Toy, pool, rng: np.random.Generator, steps: int, bs: int, lr: float, t0: float) -> None:
+    """Stage 0, the stand-in for CLIP's pre-training: the tower alone learns where each class is (a
+    per-patch head, dense targets from the object discs) and which classes the picture holds (the
+    presence head over all patches), with large batches, before the language model ever sees it."""
+    params = list(model.vision.parameters()) + list(model.presence.parameters()) + list(model.patch_head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps))))
+    targets = torch.zeros(len(pool), len(world.CLASSES))
+    for i, (_, objs) in enumerate(pool):
+        for o in objs:
+            targets[i, world.CLASSES.index(o["name"])] = 1.0
+    dense = torch.stack([patch_targets(objs) for _, objs in pool])           # [N, P, 20]
+    for step in range(1, steps + 1):
+        idx = torch.from_numpy(rng.integers(0, len(pool), size=bs))
+        feats = model.tower_features(torch.stack([pool[i][0] for i in idx]))
+        logits = model.presence_logits(feats)
+        loss = F.binary_cross_entropy_with_logits(logits, targets[idx])
+        local = F.binary_cross_entropy_with_logits(model.patch_head(feats), dense[idx])
+        opt.zero_grad()
+        (loss + local).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == 1:
+            exact = ((logits > 0).float() == targets[idx]).all(1).float().mean().item()
+            print(f"tower step {step} presence {loss.item():.4f} patches {local.item():.4f} exact-set {exact:.3f} {time.time() - t0:.0f} s", flush=True)
 
 
 def build_batch(model: Toy, tok: Tokenizer, pool, rng: np.random.Generator, bs: int):
@@ -301,7 +357,8 @@ def save_safetensors(path: Path, tensors: dict, dtype: str) -> None:
 
 
 def export(model: Toy, tok: Tokenizer, out: Path, steps: int, accuracy: float) -> None:
-    mdir, tdir = out / "model", out / TOWER_NAME
+    tower_name = f"shapes-clip-vit-b{TOWER['patch_size']}-{TOWER['image_size']}"
+    mdir, tdir = out / "model", out / tower_name
     mdir.mkdir(parents=True, exist_ok=True)
     tdir.mkdir(parents=True, exist_ok=True)
     rows = -(-tok.len // 64) * 64
@@ -327,7 +384,7 @@ def export(model: Toy, tok: Tokenizer, out: Path, steps: int, accuracy: float) -
            "initializer_range": 0.02, "num_key_value_heads": LLM["num_attention_heads"], "qk_layernorm": False, "resid_pdrop": 0.0,
            "rope_scaling": None, "tie_word_embeddings": False, **LLM,
            "image_aspect_ratio": "pad", "image_projector_type": "mlp2x_gelu", "mm_hidden_size": TOWER["hidden_size"],
-           "mm_image_tower": TOWER_NAME, "mm_use_im_patch_token": False, "mm_use_im_start_end": False, "mm_video_tower": None,
+           "mm_image_tower": tower_name, "mm_use_im_patch_token": False, "mm_use_im_start_end": False, "mm_video_tower": None,
            "mm_vision_select_feature": "patch", "mm_vision_select_layer": -2, "tokenizer_padding_side": "right",
            "torch_dtype": "bfloat16", "transformers_version": "4.37.0", "use_cache": True, "vocab_size": rows,
            "moe": {"capacity_factor": 1.5, "ep_size": 1, "eval_capacity_factor": 2.0, "min_capacity": 0, "moe_enable": True,
@@ -344,16 +401,25 @@ def export(model: Toy, tok: Tokenizer, out: Path, steps: int, accuracy: float) -
 
 
 def main() -> None:
+    global PRESENCE_POOL, CAPTION_SHARE
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path)
-    ap.add_argument("--steps", type=int, default=2400)
+    ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=24)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--pool", type=int, default=6000, help="distinct training pictures")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--pool", type=int, default=20000, help="distinct training pictures")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (results depend on it; the release used 1)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-every", type=int, default=400)
+    ap.add_argument("--eval-every", type=int, default=200)
+    ap.add_argument("--patch", type=int, default=16, help="tower patch size (64-pixel pictures)")
+    ap.add_argument("--presence-pool", choices=["max", "mean"], default="mean")
+    ap.add_argument("--caption-share", type=float, default=CAPTION_SHARE)
+    ap.add_argument("--tower-steps", type=int, default=3000, help="stage 0: tower-only presence training")
+    ap.add_argument("--tower-batch", type=int, default=128)
+    ap.add_argument("--tower-lr", type=float, default=6e-3)
+    ap.add_argument("--stop-after-tower", action="store_true", help="(experiments) stop after stage 0")
     args = ap.parse_args()
+    TOWER["patch_size"], PRESENCE_POOL, CAPTION_SHARE = args.patch, args.presence_pool, args.caption_share
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -365,6 +431,14 @@ def main() -> None:
         pool.append((pixels_of(img), objs))
     print(f"tokenizer {tok.len} tokens; {len(pool)} pictures in {time.time() - t0:.0f} s", flush=True)
     model = Toy(tok.len)
+    if args.tower_steps:
+        pretrain_tower(model, pool, rng, args.tower_steps, args.tower_batch, args.tower_lr, t0)
+    if args.stop_after_tower:
+        return
+    if args.tower_steps:
+        # Stage 1, as MoE-LLaVA trains: the pre-trained tower is frozen; projector and language model learn.
+        for p_ in [*model.vision.parameters(), *model.presence.parameters(), *model.patch_head.parameters()]:
+            p_.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     print(f"{sum(p.numel() for p in params) / 1e6:.2f} M trainable parameters", flush=True)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
