@@ -147,6 +147,10 @@ impl Bench {
             out.to_string_lossy().into(),
             "--max-new-tokens".into(),
             "4".into(),
+            // Several of these runs go at once (test threads): one worker each, so ggml's spinning
+            // barrier never waits on a descheduled thread.
+            "--threads".into(),
+            "1".into(),
         ]
     }
 

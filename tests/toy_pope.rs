@@ -37,6 +37,10 @@ fn run_pope(model: &Path, out: &Path) {
         p("coco"),
         "--out".into(),
         out.to_string_lossy().into(),
+        // Answers, not speed, are tested here: one worker keeps the run quick on a busy machine, where
+        // ggml's spinning barrier can wait on a descheduled thread (speed: `moellava bench`).
+        "--threads".into(),
+        "1".into(),
     ];
     let o = common::moellava().args(&args).output().unwrap();
     assert!(o.status.success(), "pope on {}: {}", model.display(), String::from_utf8_lossy(&o.stderr));
