@@ -1,0 +1,96 @@
+//! Criterion benches of the hot CPU kernels, each with a throughput figure (criterion prints it per
+//! second): weight bytes for the decode matvec (memory-bound: compare with the bandwidth probe), multiply-
+//! accumulates ("elements") for the prefill matmul and attention (compute-bound).
+//!
+//!   cargo bench --bench kernels                 # all
+//!   cargo bench --bench kernels -- matvec/q4_k  # one group/type
+//!
+//! Shapes are Phi-2's (hidden 2560, FFN 10240, 32 heads of 80). Figures for a machine: BENCHMARKS.md.
+
+use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use moellava_kernels::cpu::{bandwidth, gemm, matmul, matmul_vec_dot, ops, QMatRef};
+use moellava_kernels::quant::{quantize_rows_par, QuantType};
+
+const HIDDEN: usize = 2560;
+const FFN: usize = 10240;
+const N_HEAD: usize = 32;
+const HEAD_DIM: usize = 80;
+
+fn signal(n: usize, k: f32) -> Vec<f32> {
+    (0..n).map(|i| ((i as f32) * k).sin() * 0.05).collect()
+}
+
+fn weights(q: QuantType, rows: usize, cols: usize) -> Vec<u8> {
+    let f = signal(rows * cols, 0.37);
+    let mut out = vec![0u8; q.bytes_for(rows, cols).unwrap()];
+    quantize_rows_par(q, &f, cols, &mut out).unwrap();
+    out
+}
+
+const TYPES: [QuantType; 5] = [QuantType::Q4_0, QuantType::Q4_K, QuantType::Q5_K, QuantType::Q8_0, QuantType::F16];
+
+/// Decode: one token through an expert's up projection (10240 × 2560), weight bytes per second.
+fn matvec(c: &mut Criterion) {
+    let mut g = c.benchmark_group("matvec");
+    g.sample_size(20);
+    let x = signal(HIDDEN, 0.11);
+    for q in TYPES {
+        let w = weights(q, FFN, HIDDEN);
+        let m = QMatRef::new(&w, q, FFN, HIDDEN).unwrap();
+        let mut y = vec![0f32; FFN];
+        g.throughput(Throughput::Bytes(w.len() as u64));
+        g.bench_function(BenchmarkId::new(q.name(), "10240x2560"), |b| b.iter(|| matmul(m, black_box(&x), &mut y).unwrap()));
+    }
+    g.finish();
+}
+
+/// Prefill: 128 tokens through a 2560 × 2560 projection, by ggml's mul_mat and by per-row vec_dot;
+/// multiply-accumulates per second.
+fn prefill_matmul(c: &mut Criterion) {
+    let mut g = c.benchmark_group("prefill_matmul");
+    g.sample_size(10);
+    let t = 128;
+    let x = signal(t * HIDDEN, 0.11);
+    for q in TYPES {
+        let w = weights(q, HIDDEN, HIDDEN);
+        let m = QMatRef::new(&w, q, HIDDEN, HIDDEN).unwrap();
+        let mut y = vec![0f32; t * HIDDEN];
+        g.throughput(Throughput::Elements((t * HIDDEN * HIDDEN) as u64));
+        g.bench_function(BenchmarkId::new("ggml_mul_mat", q.name()), |b| {
+            b.iter(|| gemm::gemm(m, black_box(&x), &mut y).unwrap())
+        });
+        g.bench_function(BenchmarkId::new("vec_dot_rows", q.name()), |b| {
+            b.iter(|| matmul_vec_dot(m, black_box(&x), &mut y).unwrap())
+        });
+    }
+    g.finish();
+}
+
+/// Causal attention over a 512-token prefill (QKᵀ and PV), multiply-accumulates per second.
+fn attention(c: &mut Criterion) {
+    let mut g = c.benchmark_group("attention");
+    g.sample_size(10);
+    let t = 512;
+    let w = N_HEAD * HEAD_DIM;
+    let (q, k, v) = (signal(t * w, 0.13), signal(t * w, 0.17), signal(t * w, 0.19));
+    // Causal: about t²/2 scores per head, each HEAD_DIM MACs for QKᵀ and again for PV.
+    g.throughput(Throughput::Elements((t * t / 2 * HEAD_DIM * 2 * N_HEAD) as u64));
+    g.bench_function("prefill_512_phi2", |b| {
+        b.iter(|| ops::attention(black_box(&q), &k, &v, N_HEAD, N_HEAD, HEAD_DIM, 0, true, 0.11))
+    });
+    g.finish();
+}
+
+/// The memory-bandwidth probe `moellava bench` uses: a 512 MiB buffer read by all threads.
+fn memory_bandwidth(c: &mut Criterion) {
+    let mut g = c.benchmark_group("memory");
+    g.sample_size(10);
+    let bytes = 512usize << 20;
+    let buf: Vec<u64> = (0..bytes / 8).map(|i| i as u64).collect();
+    g.throughput(Throughput::Bytes(bytes as u64));
+    g.bench_function("read_512MiB", |b| b.iter(|| bandwidth::sum_parallel(black_box(&buf))));
+    g.finish();
+}
+
+criterion_group!(benches, matvec, prefill_matmul, attention, memory_bandwidth);
+criterion_main!(benches);
