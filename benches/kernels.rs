@@ -8,7 +8,7 @@
 //! Shapes are Phi-2's (hidden 2560, FFN 10240, 32 heads of 80). Figures for a machine: BENCHMARKS.md.
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use moellava_kernels::cpu::{bandwidth, gemm, matmul, matmul_vec_dot, ops, QMatRef};
+use moellava_kernels::cpu::{attention as attn, bandwidth, gemm, matmul, matmul_vec_dot, QMatRef};
 use moellava_kernels::quant::{quantize_rows_par, QuantType};
 
 const HIDDEN: usize = 2560;
@@ -75,9 +75,9 @@ fn attention(c: &mut Criterion) {
     let (q, k, v) = (signal(t * w, 0.13), signal(t * w, 0.17), signal(t * w, 0.19));
     // Causal: about t²/2 scores per head, each HEAD_DIM MACs for QKᵀ and again for PV.
     g.throughput(Throughput::Elements((t * t / 2 * HEAD_DIM * 2 * N_HEAD) as u64));
-    g.bench_function("prefill_512_phi2", |b| {
-        b.iter(|| ops::attention(black_box(&q), &k, &v, N_HEAD, N_HEAD, HEAD_DIM, 0, true, 0.11))
-    });
+    let s = attn::AttnShape { n_head: N_HEAD, n_kv_head: N_HEAD, head_dim: HEAD_DIM, first_pos: 0, causal: true, scale: 0.11 };
+    g.bench_function("batched_prefill_512_phi2", |b| b.iter(|| attn::attention_batched(black_box(&q), &k, &v, s)));
+    g.bench_function("per_query_prefill_512_phi2", |b| b.iter(|| attn::attention_per_query(black_box(&q), &k, &v, s)));
     g.finish();
 }
 

@@ -1,5 +1,6 @@
 //! CPU kernels: quantized matmul over ggml's `vec_dot`, and the f32 activation ops.
 
+pub mod attention;
 pub mod bandwidth;
 pub mod gemm;
 pub mod matmul;

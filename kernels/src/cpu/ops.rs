@@ -128,19 +128,22 @@ pub fn rope_neox(x: &mut [f32], n_head: usize, head_dim: usize, rot_dims: usize,
     });
 }
 
-/// Softmax of a row, in place, in f64 for stability.
+/// Softmax of a row, in place.
 pub fn softmax(row: &mut [f32]) {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v)) as f64;
-    let sum: f64 = row.iter().map(|v| (*v as f64 - max).exp()).sum();
-    row.iter_mut().for_each(|v| *v = ((*v as f64 - max).exp() / sum) as f32);
+    // One f32 exp per element (as torch computes it), the normaliser summed in f64.
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+    let mut sum = 0f64;
+    for v in row.iter_mut() {
+        let e = (*v - max).exp();
+        *v = e;
+        sum += e as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    row.iter_mut().for_each(|v| *v *= inv);
 }
 
 /// Scaled dot-product attention.
 ///
-/// q `[T, n_head·hd]`; k, v `[P, n_kv_head·hd]` (all P positions, cache included); query t sits at
-/// absolute position `first_pos + t` and, when `causal`, sees keys at positions ≤ its own.
-/// Heads share KV heads in groups of n_head / n_kv_head. Returns `[T, n_head·hd]`.
-#[allow(clippy::too_many_arguments)]
 /// `Σ a[i]·b[i]` in 16 independent f32 lanes (summed pairwise at the end), so the compiler can keep
 /// them in SIMD registers; a plain sequential sum cannot be vectorised without reassociation.
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
@@ -169,43 +172,6 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     acc[0] + tail
 }
 
-pub fn attention(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    n_head: usize,
-    n_kv_head: usize,
-    hd: usize,
-    first_pos: usize,
-    causal: bool,
-    scale: f32,
-) -> Vec<f32> {
-    let (qw, kw) = (n_head * hd, n_kv_head * hd);
-    let t = q.len() / qw;
-    let p = k.len() / kw;
-    let group = n_head / n_kv_head;
-    let mut out = vec![0f32; t * qw];
-    // One task per (token, head): each writes its own hd-wide slot.
-    out.par_chunks_mut(hd).enumerate().for_each(|(idx, o)| {
-        let (tok, h) = (idx / n_head, idx % n_head);
-        let kvh = h / group;
-        let qv = &q[tok * qw + h * hd..tok * qw + (h + 1) * hd];
-        let visible = if causal { (first_pos + tok + 1).min(p) } else { p };
-        let mut scores: Vec<f32> = (0..visible)
-            .map(|j| {
-                let kv = &k[j * kw + kvh * hd..j * kw + (kvh + 1) * hd];
-                dot_f32(qv, kv) * scale
-            })
-            .collect();
-        softmax(&mut scores);
-        for (j, s) in scores.iter().enumerate() {
-            let vv = &v[j * kw + kvh * hd..j * kw + (kvh + 1) * hd];
-            o.iter_mut().zip(vv).for_each(|(a, b)| *a += s * b);
-        }
-    });
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,16 +184,6 @@ mod tests {
             activate(&mut v, Activation::GeluErf);
             assert!((v[0] - want).abs() < 1e-6, "gelu({x}) = {} want {want}", v[0]);
         }
-    }
-
-    #[test]
-    fn causal_attention_of_one_key_returns_its_value() {
-        let (hd, h) = (4, 2);
-        let q = vec![1.0; h * hd];
-        let k = vec![0.5; h * hd];
-        let v: Vec<f32> = (0..h * hd).map(|i| i as f32).collect();
-        let o = attention(&q, &k, &v, h, h, hd, 0, true, 0.5);
-        assert_eq!(o, v);
     }
 
     #[test]

@@ -95,7 +95,9 @@ impl Backend for CpuBackend {
         scale: f32,
     ) -> HostMat {
         HostMat {
-            data: ops::attention(&q.data, &k.data, &v.data, n_head, n_kv_head, hd, first_pos, causal, scale),
+            data: moellava_kernels::cpu::attention::attention(
+                &q.data, &k.data, &v.data, n_head, n_kv_head, hd, first_pos, causal, scale,
+            ),
             cols: n_head * hd,
         }
     }

@@ -1,0 +1,176 @@
+//! Scaled dot-product attention on the CPU, f32.
+//!
+//! Dims: T = query tokens, P = key positions (cache included), H = query heads, Hkv = key/value heads
+//! (heads share KV heads in groups of H / Hkv), D = head_dim.
+//! q `[T, H·D]`; k, v `[P, Hkv·D]`; query t sits at absolute position `first_pos + t` and, when
+//! `causal`, sees keys at positions ≤ its own. Output `[T, H·D]`.
+//!
+//! Two ways, same math:
+//! - [`attention_batched`] (prefill, the vision tower): per head, scores `S[T, P] = Q_h · K_hᵀ` and
+//!   output `O[T, D] = softmax(S) · V_h` as two f32 matmuls through ggml's `mul_mat` ([`super::gemm`]),
+//!   on head-contiguous copies of Q_h, K_h and V_hᵀ.
+//! - [`attention_per_query`] (decode, few queries): one rayon task per (token, head), scores by
+//!   [`super::ops::dot_f32`], no copies.
+
+use rayon::prelude::*;
+
+use super::gemm::gemm;
+use super::matmul::QMatRef;
+use super::ops::{dot_f32, softmax};
+use crate::QuantType;
+
+/// Queries from which the batched (matmul) path pays for its copies and ggml hand-offs.
+pub const BATCHED_MIN_QUERIES: usize = 8;
+
+/// Shape of one attention call (see the module's dimension legend).
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    pub first_pos: usize,
+    pub causal: bool,
+    pub scale: f32,
+}
+
+impl AttnShape {
+    /// Keys visible to query `tok` among `p` positions.
+    fn visible(&self, tok: usize, p: usize) -> usize {
+        if self.causal {
+            (self.first_pos + tok + 1).min(p)
+        } else {
+            p
+        }
+    }
+}
+
+/// Attention of `q` over `k`, `v` (see the module's dimension legend); picks the batched path for
+/// [`BATCHED_MIN_QUERIES`] queries or more.
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    n_head: usize,
+    n_kv_head: usize,
+    head_dim: usize,
+    first_pos: usize,
+    causal: bool,
+    scale: f32,
+) -> Vec<f32> {
+    let s = AttnShape { n_head, n_kv_head, head_dim, first_pos, causal, scale };
+    let t = q.len() / (n_head * head_dim).max(1);
+    if t >= BATCHED_MIN_QUERIES {
+        attention_batched(q, k, v, s)
+    } else {
+        attention_per_query(q, k, v, s)
+    }
+}
+
+/// One rayon task per (token, head): scores, softmax, weighted sum of values.
+pub fn attention_per_query(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> Vec<f32> {
+    let hd = s.head_dim;
+    let (qw, kw) = (s.n_head * hd, s.n_kv_head * hd);
+    let t = q.len() / qw;
+    let p = k.len() / kw;
+    let group = s.n_head / s.n_kv_head;
+    let mut out = vec![0f32; t * qw];
+    out.par_chunks_mut(hd).enumerate().for_each(|(idx, o)| {
+        let (tok, h) = (idx / s.n_head, idx % s.n_head);
+        let kvh = h / group;
+        let qv = &q[tok * qw + h * hd..tok * qw + (h + 1) * hd];
+        let mut scores: Vec<f32> =
+            (0..s.visible(tok, p)).map(|j| dot_f32(qv, &k[j * kw + kvh * hd..j * kw + (kvh + 1) * hd]) * s.scale).collect();
+        softmax(&mut scores);
+        for (j, w) in scores.iter().enumerate() {
+            let vv = &v[j * kw + kvh * hd..j * kw + (kvh + 1) * hd];
+            o.iter_mut().zip(vv).for_each(|(a, b)| *a += w * b);
+        }
+    });
+    out
+}
+
+/// Per head: `S = Q_h·K_hᵀ`, masked row softmax, `O = S·V_h`, both products through ggml's `mul_mat`.
+pub fn attention_batched(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> Vec<f32> {
+    let hd = s.head_dim;
+    let (qw, kw) = (s.n_head * hd, s.n_kv_head * hd);
+    let t = q.len() / qw;
+    let p = k.len() / kw;
+    let group = s.n_head / s.n_kv_head;
+    let mut out = vec![0f32; t * qw];
+    let mut q_h = vec![0f32; t * hd]; // [T, D]
+    let mut k_h = vec![0f32; p * hd]; // [P, D]
+    let mut v_ht = vec![0f32; hd * p]; // [D, P]: V_h transposed, the "weight" of the second product
+    let mut scores = vec![0f32; t * p]; // [T, P]
+    let mut o_h = vec![0f32; t * hd]; // [T, D]
+    for kvh in 0..s.n_kv_head {
+        for j in 0..p {
+            k_h[j * hd..(j + 1) * hd].copy_from_slice(&k[j * kw + kvh * hd..j * kw + (kvh + 1) * hd]);
+            for d in 0..hd {
+                v_ht[d * p + j] = v[j * kw + kvh * hd + d];
+            }
+        }
+        let k_mat = QMatRef { data: bytes_of(&k_h), qtype: QuantType::F32, n_rows: p, n_cols: hd };
+        let v_mat = QMatRef { data: bytes_of(&v_ht), qtype: QuantType::F32, n_rows: hd, n_cols: p };
+        for h in kvh * group..(kvh + 1) * group {
+            for tok in 0..t {
+                q_h[tok * hd..(tok + 1) * hd].copy_from_slice(&q[tok * qw + h * hd..tok * qw + (h + 1) * hd]);
+            }
+            gemm(k_mat, &q_h, &mut scores).expect("attention shapes are consistent by construction");
+            scores.par_chunks_mut(p).enumerate().for_each(|(tok, row)| {
+                let vis = s.visible(tok, p);
+                row[..vis].iter_mut().for_each(|x| *x *= s.scale);
+                softmax(&mut row[..vis]);
+                row[vis..].iter_mut().for_each(|x| *x = 0.0);
+            });
+            gemm(v_mat, &scores, &mut o_h).expect("attention shapes are consistent by construction");
+            for tok in 0..t {
+                out[tok * qw + h * hd..tok * qw + (h + 1) * hd].copy_from_slice(&o_h[tok * hd..(tok + 1) * hd]);
+            }
+        }
+    }
+    out
+}
+
+/// f32 values as their native-endian bytes (what ggml's F32 type reads).
+fn bytes_of(x: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and any byte pattern of it is valid to read as u8; the slice covers
+    // exactly the same memory (len · 4 bytes) with u8's weaker alignment, borrowed for the same lifetime.
+    unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signal(n: usize, k: f32) -> Vec<f32> {
+        (0..n).map(|i| ((i as f32) * k).sin()).collect()
+    }
+
+    /// The two paths differ only in f32 summation order.
+    const SAME_MATH_TOL: f32 = 1e-5;
+
+    #[test]
+    fn batched_matches_per_query_for_causal_cached_grouped_and_full_attention() {
+        // (T, P, H, Hkv, D, first_pos, causal): prefill, prefill after a cache, grouped KV heads, vision.
+        for (t, p, h, hkv, d, first, causal) in
+            [(12, 12, 4, 4, 16, 0, true), (9, 20, 4, 2, 32, 11, true), (10, 10, 6, 2, 8, 0, true), (17, 17, 2, 2, 64, 0, false)]
+        {
+            let (q, k, v) = (signal(t * h * d, 0.37), signal(p * hkv * d, 0.21), signal(p * hkv * d, 0.13));
+            let s = AttnShape { n_head: h, n_kv_head: hkv, head_dim: d, first_pos: first, causal, scale: 0.3 };
+            let (a, b) = (attention_batched(&q, &k, &v, s), attention_per_query(&q, &k, &v, s));
+            for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                assert!((x - y).abs() <= SAME_MATH_TOL, "T={t} P={p} H={h}: [{i}] {x} vs {y}");
+            }
+        }
+    }
+
+    #[test]
+    fn causal_attention_of_one_key_returns_its_value() {
+        let (hd, h) = (4, 2);
+        let q = vec![1.0; h * hd];
+        let k = vec![0.5; h * hd];
+        let v: Vec<f32> = (0..h * hd).map(|i| i as f32).collect();
+        assert_eq!(attention(&q, &k, &v, h, h, hd, 0, true, 0.5), v);
+    }
+}
