@@ -39,7 +39,7 @@ impl Drop for Pool {
 
 static POOL: Mutex<Option<Pool>> = Mutex::new(None);
 
-fn with_pool<R>(n_threads: usize, f: impl FnOnce(&mut Pool) -> R) -> R {
+fn with_pool<R>(n_threads: usize, f: impl FnOnce(&mut Pool) -> Result<R, QuantError>) -> Result<R, QuantError> {
     let mut guard = POOL.lock().unwrap_or_else(|e| e.into_inner());
     if guard.as_ref().map(|p| p.n_threads) != Some(n_threads) {
         *guard = None;
@@ -49,10 +49,15 @@ fn with_pool<R>(n_threads: usize, f: impl FnOnce(&mut Pool) -> R) -> R {
             params.poll = 0; // sleep between calls instead of spinning against rayon's workers
             sys::ggml_threadpool_new(&mut params)
         };
-        assert!(!threadpool.is_null(), "ggml could not start {n_threads} threads");
+        if threadpool.is_null() {
+            return Err(QuantError::Ggml { what: "thread pool", status: -1 });
+        }
         *guard = Some(Pool { threadpool, n_threads, work: Vec::new() });
     }
-    f(guard.as_mut().expect("pool was just created"))
+    match guard.as_mut() {
+        Some(pool) => f(pool),
+        None => Err(QuantError::Ggml { what: "thread pool", status: -1 }),
+    }
 }
 
 /// Owns a ggml context that holds only tensor headers and one graph (no tensor data).
