@@ -132,26 +132,9 @@ fn bench() -> Option<Bench> {
 
 impl Bench {
     fn args(&self, out: &Path) -> Vec<String> {
-        let p = |s: &str| self.pope.join(s).to_string_lossy().into_owned();
-        vec![
-            "pope".into(),
-            "-m".into(),
-            self.model.to_string_lossy().into(),
-            "--question-file".into(),
-            p("llava_pope_test.jsonl"),
-            "--image-folder".into(),
-            p("images"),
-            "--annotation-dir".into(),
-            p("coco"),
-            "--out".into(),
-            out.to_string_lossy().into(),
-            "--max-new-tokens".into(),
-            "4".into(),
-            // Several of these runs go at once (test threads): one worker each, so ggml's spinning
-            // barrier never waits on a descheduled thread.
-            "--threads".into(),
-            "1".into(),
-        ]
+        let mut a = common::pope_args(&self.model, &self.pope, out);
+        a.extend(["--max-new-tokens".into(), "4".into()]);
+        a
     }
 
     fn run(&self, out: &Path, extra: &[&str]) {

@@ -23,25 +23,7 @@ fn toy() -> PathBuf {
 }
 
 fn run_pope(model: &Path, out: &Path) {
-    let pope = toy().join("pope");
-    let p = |s: &str| pope.join(s).to_string_lossy().into_owned();
-    let args = [
-        "pope".to_string(),
-        "-m".into(),
-        model.to_string_lossy().into(),
-        "--question-file".into(),
-        p("llava_pope_test.jsonl"),
-        "--image-folder".into(),
-        p("images"),
-        "--annotation-dir".into(),
-        p("coco"),
-        "--out".into(),
-        out.to_string_lossy().into(),
-        // Answers, not speed, are tested here: one worker keeps the run quick on a busy machine, where
-        // ggml's spinning barrier can wait on a descheduled thread (speed: `moellava bench`).
-        "--threads".into(),
-        "1".into(),
-    ];
+    let args = common::pope_args(model, &toy().join("pope"), out);
     let o = common::moellava().args(&args).output().unwrap();
     assert!(o.status.success(), "pope on {}: {}", model.display(), String::from_utf8_lossy(&o.stderr));
 }

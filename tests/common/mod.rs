@@ -142,3 +142,25 @@ pub fn convert(ckpt: &Path, out: &Path, args: &[&str]) {
     let o = run_moellava(&all);
     assert!(o.status.success(), "convert {all:?} failed: {}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// `moellava pope` arguments for a shapes-world POPE folder (world.py's layout: llava_pope_test.jsonl,
+/// images/, coco/), one worker: tests check answers, not speed, and several runs may share the machine,
+/// where ggml's spinning barrier would wait on descheduled threads.
+pub fn pope_args(model: &Path, pope_dir: &Path, out: &Path) -> Vec<String> {
+    let p = |s: &str| pope_dir.join(s).to_string_lossy().into_owned();
+    vec![
+        "pope".into(),
+        "-m".into(),
+        model.to_string_lossy().into(),
+        "--question-file".into(),
+        p("llava_pope_test.jsonl"),
+        "--image-folder".into(),
+        p("images"),
+        "--annotation-dir".into(),
+        p("coco"),
+        "--out".into(),
+        out.to_string_lossy().into(),
+        "--threads".into(),
+        "1".into(),
+    ]
+}

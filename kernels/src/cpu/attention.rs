@@ -33,7 +33,21 @@ pub struct AttnShape {
     pub scale: f32,
 }
 
+/// Sizes of one call's buffers, derived from the shape and the lengths of q and k.
+struct Dims {
+    t: usize,
+    p: usize,
+    qw: usize,
+    kw: usize,
+    group: usize,
+}
+
 impl AttnShape {
+    fn dims(&self, q_len: usize, k_len: usize) -> Dims {
+        let (qw, kw) = (self.n_head * self.head_dim, self.n_kv_head * self.head_dim);
+        Dims { t: q_len / qw, p: k_len / kw, qw, kw, group: self.n_head / self.n_kv_head }
+    }
+
     /// Keys visible to query `tok` among `p` positions.
     fn visible(&self, tok: usize, p: usize) -> usize {
         if self.causal {
@@ -46,21 +60,8 @@ impl AttnShape {
 
 /// Attention of `q` over `k`, `v` (see the module's dimension legend); picks the batched path for
 /// [`BATCHED_MIN_QUERIES`] queries or more.
-#[allow(clippy::too_many_arguments)]
-pub fn attention(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    n_head: usize,
-    n_kv_head: usize,
-    head_dim: usize,
-    first_pos: usize,
-    causal: bool,
-    scale: f32,
-) -> Vec<f32> {
-    let s = AttnShape { n_head, n_kv_head, head_dim, first_pos, causal, scale };
-    let t = q.len() / (n_head * head_dim).max(1);
-    if t >= BATCHED_MIN_QUERIES {
+pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> Vec<f32> {
+    if q.len() / (s.n_head * s.head_dim).max(1) >= BATCHED_MIN_QUERIES {
         attention_batched(q, k, v, s)
     } else {
         attention_per_query(q, k, v, s)
@@ -70,10 +71,7 @@ pub fn attention(
 /// One rayon task per (token, head): scores, softmax, weighted sum of values.
 pub fn attention_per_query(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> Vec<f32> {
     let hd = s.head_dim;
-    let (qw, kw) = (s.n_head * hd, s.n_kv_head * hd);
-    let t = q.len() / qw;
-    let p = k.len() / kw;
-    let group = s.n_head / s.n_kv_head;
+    let Dims { t, p, qw, kw, group } = s.dims(q.len(), k.len());
     let mut out = vec![0f32; t * qw];
     out.par_chunks_mut(hd).enumerate().for_each(|(idx, o)| {
         let (tok, h) = (idx / s.n_head, idx % s.n_head);
@@ -93,10 +91,7 @@ pub fn attention_per_query(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> Vec
 /// Per head: `S = Q_h·K_hᵀ`, masked row softmax, `O = S·V_h`, both products through ggml's `mul_mat`.
 pub fn attention_batched(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> Vec<f32> {
     let hd = s.head_dim;
-    let (qw, kw) = (s.n_head * hd, s.n_kv_head * hd);
-    let t = q.len() / qw;
-    let p = k.len() / kw;
-    let group = s.n_head / s.n_kv_head;
+    let Dims { t, p, qw, kw, group } = s.dims(q.len(), k.len());
     let mut out = vec![0f32; t * qw];
     let mut q_h = vec![0f32; t * hd]; // [T, D]
     let mut k_h = vec![0f32; p * hd]; // [P, D]
@@ -142,10 +137,7 @@ fn bytes_of(x: &[f32]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn signal(n: usize, k: f32) -> Vec<f32> {
-        (0..n).map(|i| ((i as f32) * k).sin()).collect()
-    }
+    use crate::cpu::test_signal as signal;
 
     /// The two paths differ only in f32 summation order.
     const SAME_MATH_TOL: f32 = 1e-5;
@@ -171,6 +163,7 @@ mod tests {
         let q = vec![1.0; h * hd];
         let k = vec![0.5; h * hd];
         let v: Vec<f32> = (0..h * hd).map(|i| i as f32).collect();
-        assert_eq!(attention(&q, &k, &v, h, h, hd, 0, true, 0.5), v);
+        let s = AttnShape { n_head: h, n_kv_head: h, head_dim: hd, first_pos: 0, causal: true, scale: 0.5 };
+        assert_eq!(attention(&q, &k, &v, s), v);
     }
 }

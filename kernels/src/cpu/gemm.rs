@@ -7,7 +7,7 @@
 //! dst = out with ne = [N, T] — row-major `out[T, N]`, exactly our layout, so nothing is copied.
 //!
 //! One persistent ggml thread pool per process (created on first use with rayon's thread count, then
-//! reused), so no call spawns threads. Calls are serialised by a mutex: the model runs one matmul at a time.
+//! reused, with the context memory and the scratch buffer), so no call spawns threads or allocates. Calls are serialised by a mutex: the model runs one matmul at a time.
 
 use std::ffi::c_void;
 use std::ptr;
@@ -18,17 +18,39 @@ use llama_cpp_sys_2 as sys;
 use super::matmul::QMatRef;
 use crate::quant::{self, QuantError};
 
-/// ggml's worker threads plus the scratch buffer its plans ask for (activations converted to the
-/// weight type's dot partner live there).
+/// ggml's worker threads, the scratch buffer its plans ask for (activations converted to the weight
+/// type's dot partner live there) and the memory of the per-call context (3 tensor headers + a graph),
+/// all made once and reused by every call.
 struct Pool {
     threadpool: *mut sys::ggml_threadpool,
     n_threads: usize,
     work: Vec<u8>,
+    ctx_mem: Vec<u8>,
 }
+
+/// Nodes of the one-matmul graph (ggml's default graph holds 2,048, sized for whole models).
+const GRAPH_NODES: usize = 4;
 
 // SAFETY: the pool is only ever touched with `POOL`'s mutex held, so at most one thread uses the
 // ggml thread pool handle at a time; ggml's pool itself is made to be driven from any thread.
 unsafe impl Send for Pool {}
+
+impl Pool {
+    fn new(n_threads: usize) -> Result<Pool, QuantError> {
+        // SAFETY: plain-data parameters from ggml's own defaults; `ggml_threadpool_new` copies them.
+        let threadpool = unsafe {
+            let mut params = sys::ggml_threadpool_params_default(n_threads as i32);
+            params.poll = 0; // sleep between calls instead of spinning against rayon's workers
+            sys::ggml_threadpool_new(&mut params)
+        };
+        if threadpool.is_null() {
+            return Err(QuantError::Ggml { what: "thread pool", status: -1 });
+        }
+        // SAFETY: pure size queries.
+        let ctx_bytes = unsafe { 3 * sys::ggml_tensor_overhead() + sys::ggml_graph_overhead_custom(GRAPH_NODES, false) } + 1024;
+        Ok(Pool { threadpool, n_threads, work: Vec::new(), ctx_mem: vec![0u8; ctx_bytes] })
+    }
+}
 
 impl Drop for Pool {
     fn drop(&mut self) {
@@ -39,25 +61,19 @@ impl Drop for Pool {
 
 static POOL: Mutex<Option<Pool>> = Mutex::new(None);
 
+/// Runs `f` with the process's pool, (re)made for `n_threads` if needed.
 fn with_pool<R>(n_threads: usize, f: impl FnOnce(&mut Pool) -> Result<R, QuantError>) -> Result<R, QuantError> {
     let mut guard = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    if guard.as_ref().map(|p| p.n_threads) != Some(n_threads) {
-        *guard = None;
-        // SAFETY: plain-data parameters from ggml's own defaults; `ggml_threadpool_new` copies them.
-        let threadpool = unsafe {
-            let mut params = sys::ggml_threadpool_params_default(n_threads as i32);
-            params.poll = 0; // sleep between calls instead of spinning against rayon's workers
-            sys::ggml_threadpool_new(&mut params)
-        };
-        if threadpool.is_null() {
-            return Err(QuantError::Ggml { what: "thread pool", status: -1 });
+    let mut pool = match guard.take() {
+        Some(p) if p.n_threads == n_threads => p,
+        stale => {
+            drop(stale);
+            Pool::new(n_threads)?
         }
-        *guard = Some(Pool { threadpool, n_threads, work: Vec::new() });
-    }
-    match guard.as_mut() {
-        Some(pool) => f(pool),
-        None => Err(QuantError::Ggml { what: "thread pool", status: -1 }),
-    }
+    };
+    let r = f(&mut pool);
+    *guard = Some(pool);
+    r
 }
 
 /// Owns a ggml context that holds only tensor headers and one graph (no tensor data).
@@ -89,19 +105,20 @@ pub fn gemm(w: QMatRef, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
     }
     quant::init();
     let n_threads = rayon::current_num_threads().max(1);
-    // SAFETY: sizes are the headers' own (3 tensors + 1 graph) plus slack; `no_alloc` means ggml never
-    // allocates tensor data in this context.
-    let ctx = Ctx(unsafe {
-        sys::ggml_init(sys::ggml_init_params {
-            mem_size: 3 * sys::ggml_tensor_overhead() + sys::ggml_graph_overhead() + 1024,
-            mem_buffer: ptr::null_mut(),
-            no_alloc: true,
-        })
-    });
-    if ctx.0.is_null() {
-        return Err(QuantError::Overflow);
-    }
     with_pool(n_threads, |pool| {
+        // SAFETY: the context lives in `pool.ctx_mem` (sized for its 3 tensor headers and a graph of
+        // GRAPH_NODES nodes, and not touched by anyone else while the pool's mutex is held); `no_alloc`
+        // means ggml never allocates tensor data in it, and it is freed before this closure returns.
+        let ctx = Ctx(unsafe {
+            sys::ggml_init(sys::ggml_init_params {
+                mem_size: pool.ctx_mem.len(),
+                mem_buffer: pool.ctx_mem.as_mut_ptr() as *mut c_void,
+                no_alloc: true,
+            })
+        });
+        if ctx.0.is_null() {
+            return Err(QuantError::Ggml { what: "context", status: -1 });
+        }
         // SAFETY: every tensor is created in `ctx` (alive until the end of this block) with shapes whose
         // byte sizes were checked above: src0 = [K, N] of `w.qtype` over exactly `w.data` (K is a whole
         // number of blocks: `QMatRef` and `bytes_for` guarantee it), src1 = [K, T] f32 over `x`,
@@ -115,7 +132,7 @@ pub fn gemm(w: QMatRef, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
             (*x_t).data = x.as_ptr() as *mut c_void;
             let y_t = sys::ggml_mul_mat(ctx.0, w_t, x_t);
             (*y_t).data = out.as_mut_ptr() as *mut c_void;
-            let graph = sys::ggml_new_graph(ctx.0);
+            let graph = sys::ggml_new_graph_custom(ctx.0, GRAPH_NODES, false);
             sys::ggml_build_forward_expand(graph, y_t);
             let mut plan = sys::ggml_graph_plan(graph, n_threads as i32, pool.threadpool);
             if pool.work.len() < plan.work_size {
@@ -135,11 +152,8 @@ pub fn gemm(w: QMatRef, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
 mod tests {
     use super::super::matmul::matmul_vec_dot;
     use super::*;
+    use crate::cpu::test_signal as signal;
     use crate::QuantType;
-
-    fn signal(n: usize, k: f32) -> Vec<f32> {
-        (0..n).map(|i| ((i as f32) * k).sin()).collect()
-    }
 
     /// ggml's mul_mat and our per-row vec_dot convert the activations the same way, so they agree to
     /// float summation order.
@@ -148,19 +162,7 @@ mod tests {
     #[test]
     fn gemm_matches_vec_dot_matmul_for_every_type() {
         let (n, k) = (70, 512);
-        for q in [
-            QuantType::F32,
-            QuantType::F16,
-            QuantType::BF16,
-            QuantType::Q8_0,
-            QuantType::Q4_0,
-            QuantType::Q4_1,
-            QuantType::Q5_0,
-            QuantType::Q5_1,
-            QuantType::Q4_K,
-            QuantType::Q5_K,
-            QuantType::Q6_K,
-        ] {
+        for q in QuantType::ALL {
             let wq = quant::quantize_rows_vec(q, &signal(n * k, 0.37), k).unwrap();
             let w = QMatRef::new(&wq, q, n, k).unwrap();
             for t in [1usize, 2, 7, 33] {

@@ -144,10 +144,7 @@ pub fn get_rows(w: QMatRef, ids: &[u32], out: &mut [f32]) -> Result<(), QuantErr
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn signal(n: usize, k: f32) -> Vec<f32> {
-        (0..n).map(|i| ((i as f32) * k).sin()).collect()
-    }
+    use crate::cpu::test_signal as signal;
 
     #[test]
     fn matmul_matches_f64_reference_on_dequantized_weights() {

@@ -8,3 +8,9 @@ pub mod ops;
 
 pub use matmul::{get_rows, matmul, matmul_vec_dot, QMatRef};
 pub use ops::Activation;
+
+/// A deterministic test signal: `sin(i·k)` for i in 0..n.
+#[cfg(test)]
+pub(crate) fn test_signal(n: usize, k: f32) -> Vec<f32> {
+    (0..n).map(|i| ((i as f32) * k).sin()).collect()
+}

@@ -3,7 +3,7 @@
 
 use moellava_kernels::cpu::{self, ops, Activation};
 
-use super::Backend;
+use super::{AttnShape, Backend};
 use crate::error::Result;
 use crate::model::weights::Weight;
 
@@ -82,24 +82,8 @@ impl Backend for CpuBackend {
         ops::rope_neox(&mut x.data, n_head, head_dim, rot_dims, positions, base);
     }
 
-    fn attention(
-        &self,
-        q: &HostMat,
-        k: &HostMat,
-        v: &HostMat,
-        n_head: usize,
-        n_kv_head: usize,
-        hd: usize,
-        first_pos: usize,
-        causal: bool,
-        scale: f32,
-    ) -> HostMat {
-        HostMat {
-            data: moellava_kernels::cpu::attention::attention(
-                &q.data, &k.data, &v.data, n_head, n_kv_head, hd, first_pos, causal, scale,
-            ),
-            cols: n_head * hd,
-        }
+    fn attention(&self, q: &HostMat, k: &HostMat, v: &HostMat, shape: AttnShape) -> HostMat {
+        HostMat { data: cpu::attention::attention(&q.data, &k.data, &v.data, shape), cols: shape.n_head * shape.head_dim }
     }
 
     fn split_cols(&self, x: &HostMat, widths: &[usize]) -> Vec<HostMat> {

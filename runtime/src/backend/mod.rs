@@ -6,6 +6,7 @@
 
 pub mod cpu;
 
+pub use moellava_kernels::cpu::attention::AttnShape;
 pub use moellava_kernels::cpu::Activation;
 
 use crate::error::Result;
@@ -38,20 +39,8 @@ pub trait Backend: Send + Sync {
     #[allow(clippy::too_many_arguments)]
     fn rope(&self, x: &mut Self::Act, n_head: usize, head_dim: usize, rot_dims: usize, positions: &[usize], base: f32);
     /// Softmax attention of q `[T, n_head·hd]` over k, v `[P, n_kv_head·hd]`; query t is at position
-    /// `first_pos + t` and, when causal, sees keys up to its own position.
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        q: &Self::Act,
-        k: &Self::Act,
-        v: &Self::Act,
-        n_head: usize,
-        n_kv_head: usize,
-        head_dim: usize,
-        first_pos: usize,
-        causal: bool,
-        scale: f32,
-    ) -> Self::Act;
+    /// `first_pos + t` and, when causal, sees keys up to its own position (`shape` holds the sizes).
+    fn attention(&self, q: &Self::Act, k: &Self::Act, v: &Self::Act, shape: AttnShape) -> Self::Act;
 
     /// Column blocks of the given widths (a fused QKV projection → q, k, v).
     fn split_cols(&self, x: &Self::Act, widths: &[usize]) -> Vec<Self::Act>;

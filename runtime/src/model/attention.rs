@@ -4,7 +4,7 @@
 //! 1/√head_dim; grouped KV heads when n_head_kv < n_head; output projection (+ bias for Phi).
 //! Dims: T = new tokens, P = cached + new positions, D = n_embd, kv = n_head_kv·head_dim.
 
-use crate::backend::Backend;
+use crate::backend::{AttnShape, Backend};
 use crate::error::Result;
 use crate::gguf::keys::tensors as tn;
 use crate::model::config::LlmConfig;
@@ -69,8 +69,15 @@ impl Attention {
         be.rope(&mut k, self.n_head_kv, self.head_dim, self.rope_dims, &positions, self.rope_base);
         be.append_rows(&mut cache.0, &k);
         be.append_rows(&mut cache.1, &v);
-        let scale = 1.0 / (self.head_dim as f32).sqrt();
-        let a = be.attention(&q, &cache.0, &cache.1, self.n_head, self.n_head_kv, self.head_dim, first_pos, true, scale); // [T, D]
+        let shape = AttnShape {
+            n_head: self.n_head,
+            n_kv_head: self.n_head_kv,
+            head_dim: self.head_dim,
+            first_pos,
+            causal: true,
+            scale: 1.0 / (self.head_dim as f32).sqrt(),
+        };
+        let a = be.attention(&q, &cache.0, &cache.1, shape); // [T, D]
         let mut y = be.matmul(&a, &self.out)?;
         if let Some(b) = &self.out_b {
             be.add_bias(&mut y, b);

@@ -9,7 +9,7 @@
 //! drops a real patch, as upstream does); projector = `mm.2(gelu_erf(mm.0(features)))`.
 //! Dims: S = image side, p = patch, N = patches (+1 class token for CLIP), W = tower width, H = LLM width.
 
-use crate::backend::{Activation, Backend};
+use crate::backend::{Activation, AttnShape, Backend};
 use crate::error::Result;
 use crate::gguf::keys::tensors as tn;
 use crate::model::config::{TowerKind, VisionConfig};
@@ -140,12 +140,19 @@ impl VisionTower {
             be.layer_norm(&mut x, &ln.w, Some(&ln.b), self.cfg.eps);
         }
         let hd = w / self.cfg.n_head;
-        let scale = (hd as f32).powf(-0.5);
+        let shape = AttnShape {
+            n_head: self.cfg.n_head,
+            n_kv_head: self.cfg.n_head,
+            head_dim: hd,
+            first_pos: 0,
+            causal: false,
+            scale: (hd as f32).powf(-0.5),
+        };
         for l in &self.layers {
             let mut h = x.clone();
             be.layer_norm(&mut h, &l.ln1.w, Some(&l.ln1.b), self.cfg.eps);
             let (q, k, v) = (l.q.forward(be, &h)?, l.k.forward(be, &h)?, l.v.forward(be, &h)?);
-            let a = be.attention(&q, &k, &v, self.cfg.n_head, self.cfg.n_head, hd, 0, false, scale);
+            let a = be.attention(&q, &k, &v, shape);
             be.add(&mut x, &l.out.forward(be, &a)?);
             let mut h = x.clone();
             be.layer_norm(&mut h, &l.ln2.w, Some(&l.ln2.b), self.cfg.eps);
