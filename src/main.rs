@@ -26,6 +26,7 @@ enum Command {
     Pope(commands::pope::PopeArgs),
     Compare(commands::compare::CompareArgs),
     Bench(commands::bench::BenchArgs),
+    ReplayRoute(commands::replay_route::ReplayRouteArgs),
     Inspect(commands::inspect::InspectArgs),
 }
 
@@ -59,6 +60,7 @@ fn main() -> ExitCode {
         Command::Pope(args) => commands::pope::run(args),
         Command::Compare(args) => commands::compare::run(args),
         Command::Bench(args) => commands::bench::run(args),
+        Command::ReplayRoute(args) => commands::replay_route::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
     };
     match result {

@@ -11,6 +11,7 @@
 pub mod backend;
 pub mod error;
 pub mod eval;
+pub mod experts;
 pub mod gguf;
 pub mod image;
 pub mod inspect;

@@ -50,7 +50,8 @@ pub struct BenchArgs {
     /// The GGUF the peer loads (language model only, llama.cpp layout).
     #[arg(long, value_name = "P.gguf")]
     pub peer_model: Option<PathBuf>,
-    /// One JSON object: {model, quant, threads, peer, metrics: [{name, ours, ours_std, peer, peer_std, ratio}]}.
+    /// One JSON object: {model, quant, threads, peer, metrics: [{name, ours, ours_std, peer, peer_std, ratio}],
+    /// expert_cache (counters with --expert-ram, else null)}.
     #[arg(long)]
     pub json: bool,
 }
@@ -79,7 +80,8 @@ fn ours_prefill(m: &Model, ids: &[u32]) -> Result<f64> {
     let x = m.llm.embed(be, ids)?;
     let mut cache = KvCache::new(be, &m.config.llm);
     let t = Instant::now();
-    m.llm.forward(be, x, &mut cache, &mut Gating::Deterministic, &mut Trace::default())?;
+    m.forward(x, &mut cache, &mut Gating::Deterministic, &mut Trace::default())?;
+    m.end_sequence()?;
     Ok(ids.len() as f64 / t.elapsed().as_secs_f64())
 }
 
@@ -88,21 +90,16 @@ fn ours_decode(m: &Model, n: usize) -> Result<(f64, Vec<Vec<[usize; 2]>>)> {
     let be = &m.backend;
     let mut cache = KvCache::new(be, &m.config.llm);
     let vocab = m.config.llm.n_vocab;
-    let mut logits = m.llm.forward(
-        be,
-        m.llm.embed(be, &prompt_ids(16, vocab))?,
-        &mut cache,
-        &mut Gating::Deterministic,
-        &mut Trace::default(),
-    )?;
+    let mut logits = m.forward(m.llm.embed(be, &prompt_ids(16, vocab))?, &mut cache, &mut Gating::Deterministic, &mut Trace::default())?;
     let mut routes = Vec::new();
     let t = Instant::now();
     for _ in 0..n {
         let next = moellava_runtime::sampler::argmax(&logits);
         let mut trace = Trace::default();
-        logits = m.llm.forward(be, m.llm.embed(be, &[next])?, &mut cache, &mut Gating::Deterministic, &mut trace)?;
+        logits = m.forward(m.llm.embed(be, &[next])?, &mut cache, &mut Gating::Deterministic, &mut trace)?;
         routes.push(trace.moe.iter().map(|(_, _, r)| r.experts[0]).collect());
     }
+    m.end_sequence()?;
     Ok((n as f64 / t.elapsed().as_secs_f64(), routes))
 }
 
@@ -209,7 +206,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let t = Instant::now();
             let input = model.prepare(&model.question_prompt("What is in the picture?", true), Some(&image))?;
             let mut cache = KvCache::new(be, &model.config.llm);
-            model.llm.forward(be, input.embeds, &mut cache, &mut Gating::Deterministic, &mut Trace::default())?;
+            model.forward(input.embeds, &mut cache, &mut Gating::Deterministic, &mut Trace::default())?;
+            model.end_sequence()?;
             push(&mut ours, "ttft_image_s".into(), t.elapsed().as_secs_f64());
         }
         push(&mut ours, "bandwidth_gb_s".into(), moellava_kernels::cpu::bandwidth::read_gb_s(1 << 29));
@@ -239,7 +237,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "repetitions": a.reps,
         "peer": peer.as_ref().map(|(p, _, _)| json!({"name": "llama.cpp", "model": p, "same_file": *p == a.model.model})),
         "metrics": metrics,
+        "expert_cache": model.expert_cache_report(),
     });
+    a.model.experts.print_report(&model);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());

@@ -95,5 +95,6 @@ pub fn run(a: ChatArgs) -> Result<()> {
     if interactive {
         println!();
     }
+    a.model.experts.print_report(&model);
     Ok(())
 }

@@ -7,4 +7,5 @@ pub mod convert;
 pub mod inspect;
 pub mod options;
 pub mod pope;
+pub mod replay_route;
 pub mod run;

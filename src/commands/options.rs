@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use moellava_runtime::experts::{Budget, FileSource, Policy};
 use moellava_runtime::sampler::SamplingOptions;
 use moellava_runtime::{GatingMode, GenerateOptions, Model};
 
@@ -15,6 +16,65 @@ pub struct ModelArgs {
     /// Worker threads (default: all cores).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    #[command(flatten)]
+    pub experts: ExpertArgs,
+}
+
+/// Expert residency: how many experts stay in RAM, which are evicted, and what is recorded.
+#[derive(Args, Clone, Debug, Default)]
+pub struct ExpertArgs {
+    /// Keep at most this much expert weight in RAM: bytes (1500000000, 512MiB, 2GB) or a share of all
+    /// experts (25%). Experts are read from the file when routed and evicted by --expert-policy; their
+    /// pages are dropped from the page cache, so a model larger than free RAM runs. Default: all
+    /// experts stay mapped (no cache). At least the two experts of one token must fit.
+    #[arg(long, value_name = "BYTES|PERCENT")]
+    pub expert_ram: Option<String>,
+    /// Which expert to evict: lru, lfu, or least-stale (the most recently completed layer's experts
+    /// first: they are needed again only after every other layer has run).
+    #[arg(long, default_value = "lru", value_name = "POLICY")]
+    pub expert_policy: String,
+    /// Guess the next MoE layer's experts (its router applied to this layer's input) and load them
+    /// while this layer computes. Only with --expert-ram.
+    #[arg(long)]
+    pub prefetch: bool,
+    /// Write every forward call's routing (experts per token and MoE layer, and the prefetch guess)
+    /// to this JSON-lines file, for `moellava replay-route`.
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub route_trace: Option<PathBuf>,
+    /// Print the expert cache's counters (hits, misses, prefetches, bytes, stalls per layer) to stderr.
+    #[arg(long)]
+    pub verbose: bool,
+}
+
+impl ExpertArgs {
+    /// Sets up the cache and the route trace on a loaded model.
+    pub fn apply(&self, model: &mut Model, path: &std::path::Path) -> Result<()> {
+        let policy: Policy = self.expert_policy.parse().map_err(|e: String| anyhow::anyhow!("--expert-policy: {e}"))?;
+        match &self.expert_ram {
+            Some(b) => {
+                let budget: Budget = b.parse().map_err(|e: String| anyhow::anyhow!("--expert-ram {e}"))?;
+                let source = FileSource::open(path).with_context(|| format!("opening {} for expert reads", path.display()))?;
+                model.enable_expert_cache(budget, policy, self.prefetch, std::sync::Arc::new(source))?;
+            }
+            None if self.prefetch => bail!("--prefetch needs --expert-ram (without a budget every expert is resident)"),
+            None => {}
+        }
+        if let Some(t) = &self.route_trace {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            model.record_route_trace(t, &name).with_context(|| format!("--route-trace {}", t.display()))?;
+        }
+        Ok(())
+    }
+
+    /// `--verbose`: the cache's counters on stderr.
+    pub fn print_report(&self, model: &Model) {
+        if self.verbose {
+            match model.expert_cache_report() {
+                Some(r) => eprintln!("{}", r.summary()),
+                None => eprintln!("expert cache: off (every expert is read from the file's map; --expert-ram enables it)"),
+            }
+        }
+    }
 }
 
 impl ModelArgs {
@@ -27,7 +87,8 @@ impl ModelArgs {
             rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting up the thread pool")?;
         }
         let t0 = std::time::Instant::now();
-        let model = Model::load(&self.model).with_context(|| format!("loading {}", self.model.display()))?;
+        let mut model = Model::load(&self.model).with_context(|| format!("loading {}", self.model.display()))?;
+        self.experts.apply(&mut model, &self.model)?;
         Ok((model, t0.elapsed().as_secs_f64()))
     }
 }

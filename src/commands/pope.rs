@@ -12,7 +12,7 @@ use moellava_runtime::sysinfo::peak_rss_bytes;
 use serde_json::{json, Value};
 use sha2::Digest;
 
-use super::options::{GenArgs, ModelArgs};
+use super::options::{ExpertArgs, GenArgs, ModelArgs};
 
 /// Run POPE (object hallucination) the way MoE-LLaVA's eval does, score it, or merge shards.
 ///
@@ -80,10 +80,8 @@ pub struct PopeRunArgs {
     /// Append "Answer the question using a single word or phrase." to questions that lack it.
     #[arg(long)]
     pub single_pred_prompt: bool,
-    /// Write, for every answer, the experts each MoE layer chose for the prompt's last token to
-    /// RUN/route-trace.jsonl.
-    #[arg(long)]
-    pub route_trace: bool,
+    #[command(flatten)]
+    pub experts: ExpertArgs,
     #[command(flatten)]
     pub gen: GenArgs,
 }
@@ -209,7 +207,7 @@ fn required(r: &PopeRunArgs) -> Result<RunPaths> {
         bail!("pope needs {} (or the score / merge subcommand); see `moellava pope --help`", missing.join(", "));
     }
     Ok(RunPaths {
-        model: ModelArgs { model: r.model.clone().unwrap_or_default(), threads: r.threads },
+        model: ModelArgs { model: r.model.clone().unwrap_or_default(), threads: r.threads, experts: r.experts.clone() },
         question_file: r.question_file.clone().unwrap_or_default(),
         image_folder: r.image_folder.clone().unwrap_or_default(),
         out: r.out.clone().unwrap_or_default(),
@@ -246,11 +244,6 @@ fn run_benchmark(r: PopeRunArgs) -> Result<()> {
         .append(true)
         .open(&answers_path)
         .with_context(|| format!("opening {}", answers_path.display()))?;
-    let mut trace = if r.route_trace {
-        Some(std::fs::OpenOptions::new().create(true).append(true).open(paths.out.join("route-trace.jsonl"))?)
-    } else {
-        None
-    };
     let remaining: Vec<&Question> = todo.iter().copied().filter(|q| !answered.contains(&pope::id_key(&q.question_id))).collect();
     let bar = std::io::stderr().is_terminal().then(|| {
         let b = indicatif::ProgressBar::new(todo.len() as u64);
@@ -294,9 +287,6 @@ fn run_benchmark(r: PopeRunArgs) -> Result<()> {
                 timings[2] += ans.timings.decode_s;
                 prompt_tokens += ans.prompt_tokens;
                 gen_tokens += ans.tokens.len();
-                if let Some(t) = trace.as_mut() {
-                    writeln!(t, "{}", json!({"question_id": q.question_id, "routing": ans.routing}))?;
-                }
                 (ans.text, json!({}))
             }
         };
@@ -346,9 +336,10 @@ fn run_benchmark(r: PopeRunArgs) -> Result<()> {
             "decode_tokens_per_s": gen_tokens as f64 / timings[2].max(1e-9),
         },
         "memory": {"peak_rss_bytes": peak_rss_bytes()},
-        "expert_cache": Value::Null,
+        "expert_cache": model.expert_cache_report(),
     });
     std::fs::write(paths.out.join("run.json"), serde_json::to_string_pretty(&run_json)? + "\n")?;
+    paths.model.experts.print_report(&model);
     if errors > 0 {
         eprintln!("warning: {errors} question(s) had no usable image; see \"metadata\".\"error\" in {}", answers_path.display());
     }

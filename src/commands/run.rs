@@ -42,7 +42,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "F.npy")]
     pub logits_out: Option<PathBuf>,
     /// Print one JSON object: text, tokens, prompt_tokens, image_tokens, stop_reason, timings, memory,
-    /// routing (per MoE layer, the experts chosen for the last prompt token).
+    /// routing (per MoE layer, the experts chosen for the last prompt token), expert_cache (counters with
+/// --expert-ram, else null).
     #[arg(long)]
     pub json: bool,
 }
@@ -83,6 +84,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             "memory": { "peak_rss_bytes": peak_rss_bytes() },
             "routing": answer.routing,
             "gating": a.gen.gating,
+            "expert_cache": model.expert_cache_report(),
         });
         println!("{}", serde_json::to_string_pretty(&obj)?);
     } else {
@@ -99,5 +101,6 @@ pub fn run(a: RunArgs) -> Result<()> {
             answer.stop_reason
         );
     }
+    a.model.experts.print_report(&model);
     Ok(())
 }

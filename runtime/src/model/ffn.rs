@@ -2,6 +2,8 @@
 //! Phi-2: `fc2(gelu_tanh(fc1(x) + b1)) + b2`. StableLM / Qwen: `down(silu(gate(x)) · up(x))`
 //! (Qwen's `c_proj(w1(x) · silu(w2(x)))` with w2 → gate, w1 → up). Dims: T tokens, D = n_embd, F = n_ff.
 
+use std::sync::Arc;
+
 use crate::backend::{Activation, Backend};
 use crate::error::Result;
 use crate::gguf::keys::tensors as tn;
@@ -9,7 +11,7 @@ use crate::model::config::{Family, LlmConfig};
 use crate::model::weights::{Weight, WeightStore};
 
 pub enum Ffn {
-    Gelu { up: Weight, up_b: Vec<f32>, down: Weight, down_b: Vec<f32> },
+    Gelu { up: Weight, up_b: Arc<[f32]>, down: Weight, down_b: Arc<[f32]> },
     SwiGlu { gate: Weight, up: Weight, down: Weight },
 }
 
@@ -20,9 +22,9 @@ impl Ffn {
         Ok(match c.family {
             Family::Phi2 => Ffn::Gelu {
                 up: ws.matrix(&n("ffn_up.weight"), f, d)?,
-                up_b: ws.f32(&n("ffn_up.bias"), &[f])?,
+                up_b: ws.f32(&n("ffn_up.bias"), &[f])?.into(),
                 down: ws.matrix(&n("ffn_down.weight"), d, f)?,
-                down_b: ws.f32(&n("ffn_down.bias"), &[d])?,
+                down_b: ws.f32(&n("ffn_down.bias"), &[d])?.into(),
             },
             Family::StableLm | Family::Qwen => Ffn::SwiGlu {
                 gate: ws.matrix(&n("ffn_gate.weight"), f, d)?,
@@ -30,6 +32,27 @@ impl Ffn {
                 down: ws.matrix(&n("ffn_down.weight"), d, f)?,
             },
         })
+    }
+
+    /// The matrices in a fixed order (Gelu: up, down; SwiGlu: gate, up, down): the parts of one
+    /// expert that the expert cache loads.
+    pub fn matrices(&self) -> Vec<&Weight> {
+        match self {
+            Ffn::Gelu { up, down, .. } => vec![up, down],
+            Ffn::SwiGlu { gate, up, down } => vec![gate, up, down],
+        }
+    }
+
+    /// The same block over other copies of its matrices (in [`Self::matrices`] order); biases shared.
+    pub fn with_matrices(&self, m: Vec<Weight>) -> Ffn {
+        let mut m = m.into_iter();
+        let mut next = |w: &Weight| m.next().unwrap_or_else(|| w.clone());
+        match self {
+            Ffn::Gelu { up, up_b, down, down_b } => {
+                Ffn::Gelu { up: next(up), up_b: up_b.clone(), down: next(down), down_b: down_b.clone() }
+            }
+            Ffn::SwiGlu { gate, up, down } => Ffn::SwiGlu { gate: next(gate), up: next(up), down: next(down) },
+        }
     }
 
     /// `x [T, D]` → `[T, D]`.

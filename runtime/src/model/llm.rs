@@ -11,7 +11,9 @@ use crate::gguf::keys::tensors as tn;
 use crate::model::attention::{Attention, KvCache};
 use crate::model::config::{Family, LlmConfig, MoeConfig};
 use crate::model::ffn::Ffn;
-use crate::model::moe::{Gating, Moe, Routing};
+use crate::model::moe::{Gating, Moe, MoeStep, Routing};
+use crate::experts::ExpertCache;
+use std::sync::Arc;
 use crate::model::weights::{Weight, WeightStore};
 
 struct Norm {
@@ -58,6 +60,8 @@ pub struct Trace {
     pub layer_outputs: Vec<Vec<f32>>,
     /// Per MoE layer: router logits `[T, E]` and the routing.
     pub moe: Vec<(usize, Vec<f32>, Routing)>,
+    /// Per entry of `moe`: the experts the previous MoE layer guessed for this one (`None` for the first).
+    pub guesses: Vec<Option<Vec<usize>>>,
     pub keep_layers: bool,
 }
 
@@ -67,6 +71,8 @@ pub struct Llm {
     layers: Vec<Layer>,
     out_norm: Norm,
     output: Weight,
+    /// With `--expert-ram`: the cache the MoE layers read their experts from.
+    pub experts: Option<Arc<ExpertCache>>,
 }
 
 impl Llm {
@@ -91,7 +97,13 @@ impl Llm {
             layers,
             out_norm: Norm::load(ws, tn::OUTPUT_NORM, c)?,
             output: ws.matrix(tn::OUTPUT, c.n_vocab, c.n_embd)?,
+            experts: None,
         })
+    }
+
+    /// The MoE layers, in order.
+    pub fn moe_layers(&self) -> Vec<&Moe> {
+        self.layers.iter().filter_map(|l| if let LayerFfn::Moe(m) = &l.ffn { Some(m) } else { None }).collect()
     }
 
     /// Embeddings of token ids `[T, D]`.
@@ -111,6 +123,8 @@ impl Llm {
     ) -> Result<Vec<f32>> {
         let first_pos = cache.len;
         let (t, _) = be.shape(&x);
+        let moes = self.moe_layers();
+        let mut guess: Option<Vec<usize>> = None;
         for (i, l) in self.layers.iter().enumerate() {
             let h = l.attn_norm.apply(be, &x);
             let a = l.attn.forward(be, &h, &mut cache.layers[i], first_pos)?;
@@ -124,9 +138,11 @@ impl Llm {
             let f = match &l.ffn {
                 LayerFfn::Dense(ffn) => ffn.forward(be, &h)?,
                 LayerFfn::Moe(moe) => {
-                    let (y, logits, routing) = moe.forward(be, &h, gating)?;
-                    trace.moe.push((i, logits, routing));
-                    y
+                    let next = moes.iter().position(|m| m.layer == i).and_then(|k| moes.get(k + 1)).copied();
+                    let o = moe.forward(be, &h, gating, MoeStep { cache: self.experts.as_deref(), next })?;
+                    trace.moe.push((i, o.logits, o.routing));
+                    trace.guesses.push(std::mem::replace(&mut guess, o.guess_next));
+                    o.y
                 }
             };
             if l.ffn_norm.is_none() {

@@ -10,12 +10,14 @@ pub mod vision;
 pub mod weights;
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
 use crate::error::{Result, RuntimeError};
+use crate::experts::trace::{TraceHeader, TraceWriter};
+use crate::experts::{Budget, CacheOptions, CacheReport, ExpertCache, ExpertSource, ExpertStore, Policy};
 use crate::gguf::GgufFile;
 use crate::image::Rgb8;
 use crate::prompt::{self, Piece, Turn};
@@ -105,6 +107,7 @@ pub struct Model<B: Backend = CpuBackend> {
     pub vision: Option<VisionTower>,
     pub backend: B,
     pub file: Arc<GgufFile>,
+    route_trace: Option<Mutex<TraceWriter>>,
 }
 
 impl Model<CpuBackend> {
@@ -139,7 +142,96 @@ impl<B: Backend> Model<B> {
             Some(v) => Some(VisionTower::load(v, &ws, config.llm.n_embd)?),
             None => None,
         };
-        Ok(Model { config, tokenizer, llm, vision, backend, file })
+        Ok(Model { config, tokenizer, llm, vision, backend, file, route_trace: None })
+    }
+
+    /// Where every expert lives in the file, read through `source` (`None` for a dense model).
+    pub fn expert_store(&self, source: Arc<dyn ExpertSource>) -> Option<ExpertStore> {
+        let moes = self.llm.moe_layers();
+        if moes.is_empty() {
+            return None;
+        }
+        let layers = moes.iter().map(|m| (m.layer, m.experts().iter().map(|f| f.matrices()).collect())).collect();
+        Some(ExpertStore::new(layers, source))
+    }
+
+    /// Keeps the experts in at most `budget` of RAM slots, read from `source` on demand (`--expert-ram`).
+    /// Errors on a dense model, and when the budget does not hold the two experts one token needs.
+    pub fn enable_expert_cache(&mut self, budget: Budget, policy: Policy, prefetch: bool, source: Arc<dyn ExpertSource>) -> Result<()> {
+        let store = self.expert_store(source).ok_or_else(|| {
+            RuntimeError::Unsupported("--expert-ram: this is a dense model (no MoE layers, no experts to cache)".into())
+        })?;
+        let need = 2;
+        let slots = budget.slots(store.slot_bytes(), store.n_experts()).min(store.n_experts());
+        if slots < need {
+            return Err(RuntimeError::Unsupported(format!(
+                "--expert-ram {budget} buys {slots} slot(s) of {} bytes (one expert each); a token needs {need}, so give at least {} bytes or {:.1}%",
+                store.slot_bytes(),
+                need * store.slot_bytes(),
+                100.0 * need as f64 / store.n_experts() as f64
+            )));
+        }
+        let cache = ExpertCache::new(Arc::new(store), CacheOptions { slots, policy, prefetch })?;
+        self.llm.experts = Some(Arc::new(cache));
+        Ok(())
+    }
+
+    /// The cache's counters, when `--expert-ram` is on.
+    pub fn expert_cache_report(&self) -> Option<CacheReport> {
+        self.llm.experts.as_ref().map(|c| c.report())
+    }
+
+    /// Writes every forward call's routing to `path` from now on (`--route-trace`).
+    pub fn record_route_trace(&mut self, path: &Path, model_name: &str) -> Result<()> {
+        let moe = self.config.moe.as_ref().ok_or_else(|| {
+            RuntimeError::Unsupported("--route-trace: this is a dense model (no MoE layers to trace)".into())
+        })?;
+        let (expert_bytes, slot_bytes) = match &self.llm.experts {
+            Some(c) => (c.store().expert_bytes(), c.store().slot_bytes() as u64),
+            None => {
+                let s = self.expert_store(Arc::new(crate::experts::store::NoSource)).expect("MoE model");
+                (s.expert_bytes(), s.slot_bytes() as u64)
+            }
+        };
+        let header = TraceHeader {
+            kind: "header".into(),
+            version: 1,
+            model: model_name.to_string(),
+            n_expert: moe.n_expert,
+            top_k: 2,
+            moe_layers: self.llm.moe_layers().iter().map(|m| m.layer).collect(),
+            expert_bytes,
+            slot_bytes,
+        };
+        self.route_trace = Some(Mutex::new(TraceWriter::create(path, &header)?));
+        Ok(())
+    }
+
+    /// One forward call of the language model (see [`Llm::forward`]), recorded in the route trace.
+    pub fn forward(&self, x: B::Act, cache: &mut KvCache<B>, gating: &mut Gating, trace: &mut Trace) -> Result<Vec<f32>> {
+        let pos = cache.len;
+        let (n0, g0) = (trace.moe.len(), trace.guesses.len());
+        let logits = self.llm.forward(&self.backend, x, cache, gating, trace)?;
+        if let Some(w) = &self.route_trace {
+            let layers: Vec<_> = trace.moe[n0..]
+                .iter()
+                .zip(&trace.guesses[g0..])
+                .map(|((layer, _, r), g)| {
+                    let experts = r.experts.iter().zip(&r.kept).map(|(e, k)| (0..2).filter(|i| k[*i]).map(|i| e[i]).collect()).collect();
+                    (*layer, experts, g.clone())
+                })
+                .collect();
+            w.lock().unwrap_or_else(|e| e.into_inner()).record_call(pos, &layers)?;
+        }
+        Ok(logits)
+    }
+
+    /// Ends one question in the route trace (flushes it).
+    pub fn end_sequence(&self) -> Result<()> {
+        match &self.route_trace {
+            Some(w) => w.lock().unwrap_or_else(|e| e.into_inner()).end_sequence(),
+            None => Ok(()),
+        }
     }
 
     /// The full prompt for one question, as the reference builds it (`-p` without `--raw-prompt`).
@@ -221,7 +313,7 @@ impl<B: Backend> Model<B> {
         }
         let t0 = Instant::now();
         let mut trace = Trace::default();
-        let mut logits = self.llm.forward(be, input.embeds, &mut cache, &mut gating, &mut trace)?;
+        let mut logits = self.forward(input.embeds, &mut cache, &mut gating, &mut trace)?;
         let prefill_s = t0.elapsed().as_secs_f64();
         let routing = trace
             .moe
@@ -258,9 +350,10 @@ impl<B: Backend> Model<B> {
             if tokens.len() == o.max_new_tokens {
                 break;
             }
-            logits = self.llm.forward(be, self.llm.embed(be, &[next])?, &mut cache, &mut gating, &mut Trace::default())?;
+            logits = self.forward(self.llm.embed(be, &[next])?, &mut cache, &mut gating, &mut Trace::default())?;
         }
         let decode_s = t1.elapsed().as_secs_f64();
+        self.end_sequence()?;
         let mut text = self.tokenizer.decode(&tokens, true)?;
         if let Some(i) = text.find(&sep2).filter(|_| !sep2.is_empty()) {
             text.truncate(i);

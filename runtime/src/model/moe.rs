@@ -13,6 +13,7 @@
 //! Dims: T = n_tokens, E = n_expert, D = n_embd, F = n_ff.
 
 use crate::backend::Backend;
+use crate::experts::ExpertCache;
 use crate::error::Result;
 use crate::gguf::keys::tensors as tn;
 use crate::model::config::{Family, LlmConfig, MoeConfig};
@@ -132,9 +133,9 @@ impl Moe {
             (0..e)
                 .map(|x| Ffn::Gelu {
                     up: up.slice_rows(x * f, f),
-                    up_b: up_b[x * f..(x + 1) * f].to_vec(),
+                    up_b: up_b[x * f..(x + 1) * f].into(),
                     down: down.slice_rows(x * d, d),
-                    down_b: down_b[x * d..(x + 1) * d].to_vec(),
+                    down_b: down_b[x * d..(x + 1) * d].into(),
                 })
                 .collect()
         } else {
@@ -157,14 +158,43 @@ impl Moe {
         })
     }
 
-    /// `h [T, D]` → `[T, D]`; returns the router logits `[T, E]` and the routing too.
-    pub fn forward<B: Backend>(&self, be: &B, h: &B::Act, gating: &mut Gating) -> Result<(B::Act, Vec<f32>, Routing)> {
-        let logits = be.to_host(&be.matmul(h, &self.gate)?); // [T, E]
+    /// The expert blocks as mapped views (what the expert store describes and the mmap path computes).
+    pub fn experts(&self) -> &[Ffn] {
+        &self.experts
+    }
+
+    /// Router logits `[T, E]` of `h [T, D]`.
+    fn router<B: Backend>(&self, be: &B, h: &B::Act) -> Result<Vec<f32>> {
+        Ok(be.to_host(&be.matmul(h, &self.gate)?))
+    }
+
+    /// The experts this layer's router would pick (deterministic top-2 per token, distinct, ascending)
+    /// for `h`: applied to an earlier layer's input, the prefetch guess for this layer.
+    pub fn guess<B: Backend>(&self, be: &B, h: &B::Act) -> Result<Vec<usize>> {
+        let r = route(&self.router(be, h)?, self.n_expert, f32::INFINITY, 0, None);
+        let mut ids: Vec<usize> = r.experts.iter().flatten().copied().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(ids)
+    }
+
+    /// `h [T, D]` → `[T, D]`; returns the router logits `[T, E]`, the routing, and (with a `next` MoE
+    /// layer) the guess for that layer. With a cache, the routed experts are made resident chunk by
+    /// chunk, and the guess is prefetched once the first chunk is pinned (the order `replay` follows).
+    pub fn forward<B: Backend>(&self, be: &B, h: &B::Act, gating: &mut Gating, step: MoeStep<'_>) -> Result<MoeOutput<B>> {
+        let logits = self.router(be, h)?; // [T, E]
         let (t, d) = be.shape(h);
         let noise = gating.noise(self.layer, t * self.n_expert);
         let routing = route(&logits, self.n_expert, self.eval_capacity_factor, self.min_capacity, noise.as_deref());
+        let guess = step.next.map(|n| n.guess(be, h).map(|g| (n.layer, g))).transpose()?;
+        let mut needed: Vec<usize> = Vec::new();
+        for tok in 0..t {
+            needed.extend((0..2).filter(|k| routing.kept[tok][*k]).map(|k| routing.experts[tok][k]));
+        }
+        needed.sort_unstable();
+        needed.dedup();
         let mut out = be.zeros(t, d);
-        for (e, expert) in self.experts.iter().enumerate() {
+        let apply = |e: usize, expert: &Ffn, out: &mut B::Act| -> Result<()> {
             let (mut rows, mut weights) = (Vec::new(), Vec::new());
             for tok in 0..t {
                 for k in 0..2 {
@@ -174,14 +204,56 @@ impl Moe {
                     }
                 }
             }
-            if rows.is_empty() {
-                continue;
-            }
             let y = expert.forward(be, &be.gather_rows(h, &rows))?; // [rows, D]
-            be.scatter_add_rows(&mut out, &y, &rows, &weights);
+            be.scatter_add_rows(out, &y, &rows, &weights);
+            Ok(())
+        };
+        match step.cache {
+            None => {
+                for &e in &needed {
+                    apply(e, &self.experts[e], &mut out)?;
+                }
+            }
+            Some(cache) => {
+                let prefetch = |cache: &ExpertCache| match &guess {
+                    Some((layer, ids)) => cache.prefetch(*layer, ids),
+                    None => Ok(()),
+                };
+                cache.begin_layer(self.layer, &needed);
+                if needed.is_empty() {
+                    prefetch(cache)?;
+                }
+                for (k, chunk) in needed.chunks(cache.max_chunk()).enumerate() {
+                    let resident = cache.ensure(self.layer, chunk)?;
+                    if k == 0 {
+                        prefetch(cache)?;
+                    }
+                    for (e, mats) in &resident.experts {
+                        apply(*e, &self.experts[*e].with_matrices(mats.clone()), &mut out)?;
+                    }
+                }
+            }
         }
-        Ok((out, logits, routing))
+        Ok(MoeOutput { y: out, logits, routing, guess_next: guess.map(|g| g.1) })
     }
+}
+
+/// What one MoE layer's forward may use besides its input.
+#[derive(Clone, Copy, Default)]
+pub struct MoeStep<'a> {
+    /// The expert cache (`--expert-ram`); `None` reads the experts from the file's map.
+    pub cache: Option<&'a ExpertCache>,
+    /// The next MoE layer of the model, whose experts are guessed (and prefetched with a cache).
+    pub next: Option<&'a Moe>,
+}
+
+pub struct MoeOutput<B: Backend> {
+    pub y: B::Act,
+    /// `[T, E]`.
+    pub logits: Vec<f32>,
+    pub routing: Routing,
+    /// The guess for the next MoE layer, when there is one.
+    pub guess_next: Option<Vec<usize>>,
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! Weights as views into the memory-mapped GGUF, looked up by name with their expected shapes.
+//! Weights as views into the memory-mapped GGUF, looked up by name with their expected shapes, or
+//! into an expert-cache slot that holds a copy of the same bytes (`experts::cache`).
 
 use std::sync::Arc;
 
@@ -9,10 +10,17 @@ use moellava_kernels::QuantType;
 use crate::error::{Result, RuntimeError};
 use crate::gguf::GgufFile;
 
-/// A weight matrix `[rows, cols]` (row-major) in the file: no copy, the bytes stay in the map.
+/// Where a weight's bytes are: in the file's map (no copy), or in a buffer the expert cache filled.
+#[derive(Clone)]
+enum Storage {
+    Mapped(Arc<GgufFile>),
+    Resident(Arc<Box<[u8]>>),
+}
+
+/// A weight matrix `[rows, cols]` (row-major): `len` bytes at `offset` of its storage.
 #[derive(Clone)]
 pub struct Weight {
-    file: Arc<GgufFile>,
+    storage: Storage,
     pub name: String,
     offset: usize,
     len: usize,
@@ -23,7 +31,23 @@ pub struct Weight {
 
 impl Weight {
     pub fn bytes(&self) -> &[u8] {
-        &self.file.bytes()[self.offset..self.offset + self.len]
+        let all: &[u8] = match &self.storage {
+            Storage::Mapped(f) => f.bytes(),
+            Storage::Resident(b) => b,
+        };
+        &all[self.offset..self.offset + self.len]
+    }
+
+    /// The same matrix read from `buf[offset..]` (a copy of [`Self::bytes`] that the expert cache
+    /// loaded into one of its slots).
+    pub fn resident_copy(&self, buf: Arc<Box<[u8]>>, offset: usize) -> Weight {
+        debug_assert!(offset + self.len <= buf.len());
+        Weight { storage: Storage::Resident(buf), offset, ..self.clone() }
+    }
+
+    /// Bytes of the matrix.
+    pub fn n_bytes(&self) -> usize {
+        self.len
     }
 
     pub fn mat(&self) -> QMatRef<'_> {
@@ -34,7 +58,7 @@ impl Weight {
     pub fn slice_rows(&self, first: usize, n: usize) -> Weight {
         let rb = self.len / self.rows;
         Weight {
-            file: self.file.clone(),
+            storage: self.storage.clone(),
             name: self.name.clone(),
             offset: self.offset + first * rb,
             len: n * rb,
@@ -44,9 +68,10 @@ impl Weight {
         }
     }
 
-    /// Byte range of the weight in the file (what an expert cache loads).
-    pub fn file_range(&self) -> (usize, usize) {
-        (self.offset, self.len)
+    /// Byte range `(offset, len)` of the weight in the file (what the expert cache loads), or `None`
+    /// for a resident copy.
+    pub fn file_range(&self) -> Option<(usize, usize)> {
+        matches!(self.storage, Storage::Mapped(_)).then_some((self.offset, self.len))
     }
 }
 
@@ -86,7 +111,7 @@ impl WeightStore {
         }
         let offset = (self.file.meta.data_offset + t.offset) as usize;
         Ok(Weight {
-            file: self.file.clone(),
+            storage: Storage::Mapped(self.file.clone()),
             name: name.to_string(),
             offset,
             len: t.n_bytes as usize,
