@@ -19,19 +19,35 @@ use crate::model::weights::Weight;
 /// What a loader job hands back: the buffer, filled (or the error), and the seconds it took.
 type Done = (std::io::Result<()>, Box<[u8]>, f64);
 
-/// One load in flight.
+/// One load in flight. `finished` stays true once set, even after the result has been taken, so any
+/// number of forwards may wait on the same load.
 struct Ticket {
-    done: Mutex<Option<Done>>,
+    done: Mutex<(bool, Option<Done>)>,
     cv: Condvar,
 }
 
 impl Ticket {
-    fn wait(&self) -> MutexGuard<'_, Option<Done>> {
+    fn new() -> Ticket {
+        Ticket { done: Mutex::new((false, None)), cv: Condvar::new() }
+    }
+
+    fn finish(&self, d: Done) {
+        *self.done.lock().unwrap_or_else(|e| e.into_inner()) = (true, Some(d));
+        self.cv.notify_all();
+    }
+
+    /// Waits until the load is done; the guard gives access to its (possibly already taken) result.
+    fn wait(&self) -> MutexGuard<'_, (bool, Option<Done>)> {
         let mut g = self.done.lock().unwrap_or_else(|e| e.into_inner());
-        while g.is_none() {
+        while !g.0 {
             g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
         }
         g
+    }
+
+    /// The result; only the holder of the state lock that moves the slot on takes it, once.
+    fn take(&self) -> Done {
+        self.wait().1.take().expect("a load's result is taken once, by the one who settles its slot")
     }
 }
 
@@ -103,10 +119,7 @@ impl ExpertCache {
                 for mut job in rx {
                     let t0 = Instant::now();
                     let r = loader_store.read(job.key, &mut job.buf);
-                    let mut g = job.ticket.done.lock().unwrap_or_else(|e| e.into_inner());
-                    *g = Some((r, job.buf, t0.elapsed().as_secs_f64()));
-                    drop(g);
-                    job.ticket.cv.notify_all();
+                    job.ticket.finish((r, job.buf, t0.elapsed().as_secs_f64()));
                 }
             })
             .map_err(|e| RuntimeError::Unsupported(format!("cannot start the expert loader thread: {e}")))?;
@@ -142,6 +155,11 @@ impl ExpertCache {
     /// See [`SlotTable::begin_layer`].
     pub fn begin_layer(&self, layer: usize, needed: &[usize]) {
         self.lock().table.begin_layer(layer, needed);
+    }
+
+    /// See [`SlotTable::order`].
+    pub fn order(&self, layer: usize, needed: &[usize]) -> Vec<usize> {
+        self.lock().table.order(layer, needed)
     }
 
     /// Makes the experts `ids` of `layer` resident and pinned (at most [`Self::max_chunk`] of them).
@@ -213,8 +231,7 @@ impl ExpertCache {
                 // Unpinned, so the forward dropped its views: this is the last reference.
                 Buf::Ready(arc) => Arc::try_unwrap(arc).unwrap_or_else(|a| vec![0u8; a.len()].into_boxed_slice()),
                 Buf::Loading(key, t) => {
-                    let mut g = t.wait();
-                    let (_, b, secs) = g.take().expect("waited");
+                    let (_, b, secs) = t.take();
                     st.table.counters_mut(key.0).load_s += secs;
                     b
                 }
@@ -223,7 +240,7 @@ impl ExpertCache {
             if let Some(k) = evicted {
                 self.store.release(k);
             }
-            let ticket = Arc::new(Ticket { done: Mutex::new(None), cv: Condvar::new() });
+            let ticket = Arc::new(Ticket::new());
             let job = Job { key: p.key, buf, ticket: ticket.clone() };
             self.jobs
                 .lock()
@@ -243,7 +260,7 @@ impl ExpertCache {
                 Ok(a)
             }
             Buf::Loading(key, t) => {
-                let (r, b, secs) = t.wait().take().expect("waited before settling");
+                let (r, b, secs) = t.take();
                 st.table.counters_mut(key.0).load_s += secs;
                 match r {
                     Ok(()) => {
@@ -266,5 +283,156 @@ impl ExpertCache {
                 Err(RuntimeError::Unsupported(format!("expert cache slot {slot} holds no expert (internal error)")))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::experts::store::{FileSource, Part};
+    use crate::experts::ExpertSource;
+    use crate::gguf::{GgufFile, GgufWriter, TensorSpec};
+    use crate::model::weights::WeightStore;
+    use moellava_kernels::quant::GgmlType;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const LAYERS: [usize; 3] = [0, 1, 2];
+    const E: usize = 4;
+    const ROWS: usize = 8;
+    const COLS: usize = 32;
+
+    /// A slow tier that counts loads, sleeps in each, and tracks how many slots hold bytes.
+    struct SlowSource {
+        inner: FileSource,
+        loads: AtomicUsize,
+        releases: AtomicUsize,
+    }
+
+    impl ExpertSource for SlowSource {
+        fn read(&self, key: Key, parts: &[Part], dst: &mut [u8]) -> std::io::Result<()> {
+            self.loads.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            self.inner.read(key, parts, dst)
+        }
+        fn release(&self, key: Key, parts: &[Part]) {
+            self.releases.fetch_add(1, Ordering::SeqCst);
+            self.inner.release(key, parts)
+        }
+    }
+
+    /// A GGUF with two stacked `[E, ROWS, COLS]` f32 tensors per layer, every value distinct.
+    fn model(dir: &std::path::Path) -> (Arc<GgufFile>, Vec<(usize, Vec<Vec<Weight>>)>) {
+        let path = dir.join("experts.gguf");
+        let names: Vec<String> = LAYERS.iter().flat_map(|l| [format!("blk.{l}.ffn_up_exps.weight"), format!("blk.{l}.ffn_down_exps.weight")]).collect();
+        let specs = names.iter().map(|n| TensorSpec::from_shape(n.clone(), GgmlType::F32, &[E, ROWS, COLS])).collect();
+        let mut w = GgufWriter::create(&path, &[], specs).unwrap();
+        for (k, n) in names.iter().enumerate() {
+            let vals: Vec<u8> = (0..E * ROWS * COLS).flat_map(|i| ((k * 100_000 + i) as f32).to_le_bytes()).collect();
+            w.write_tensor(n, &vals).unwrap();
+        }
+        w.finish().unwrap();
+        let file = Arc::new(GgufFile::open(&path).unwrap());
+        let ws = WeightStore::new(file.clone());
+        let experts = LAYERS
+            .iter()
+            .map(|&l| {
+                let up = ws.stacked(&format!("blk.{l}.ffn_up_exps.weight"), E, ROWS, COLS).unwrap();
+                let down = ws.stacked(&format!("blk.{l}.ffn_down_exps.weight"), E, ROWS, COLS).unwrap();
+                (l, (0..E).map(|e| vec![up.slice_rows(e * ROWS, ROWS), down.slice_rows(e * ROWS, ROWS)]).collect())
+            })
+            .collect();
+        (file, experts)
+    }
+
+    fn cache(dir: &std::path::Path, slots: usize, policy: Policy, prefetch: bool) -> (ExpertCache, Arc<SlowSource>, Vec<(usize, Vec<Vec<Weight>>)>) {
+        let (file, experts) = model(dir);
+        let src = Arc::new(SlowSource { inner: FileSource::open(file.path()).unwrap(), loads: AtomicUsize::new(0), releases: AtomicUsize::new(0) });
+        let layout = experts.iter().map(|(l, v)| (*l, v.iter().map(|m| m.iter().collect()).collect())).collect();
+        let store = Arc::new(ExpertStore::new(layout, src.clone()));
+        (ExpertCache::new(store, CacheOptions { slots, policy, prefetch }).unwrap(), src, experts)
+    }
+
+    /// Every returned matrix holds exactly the file's bytes of that expert.
+    fn check(r: &Resident<'_>, layer: usize, experts: &[(usize, Vec<Vec<Weight>>)]) {
+        let mapped = &experts.iter().find(|(l, _)| *l == layer).unwrap().1;
+        for (e, mats) in &r.experts {
+            for (m, w) in mats.iter().zip(&mapped[*e]) {
+                assert_eq!(m.bytes(), w.bytes(), "layer {layer} expert {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn loads_what_the_file_holds_and_counts_every_load() {
+        let tmp = tempfile::tempdir().unwrap();
+        for policy in Policy::ALL {
+            for prefetch in [false, true] {
+                let (c, src, experts) = cache(tmp.path(), 3, policy, prefetch);
+                let mut rng = crate::rng::Rng::new(7);
+                for step in 0..300 {
+                    let layer = LAYERS[step % 3];
+                    let a = (rng.next_u64() % E as u64) as usize;
+                    let b = (a + 1 + (rng.next_u64() % 3) as usize) % E;
+                    let mut ids = vec![a, b];
+                    ids.sort();
+                    c.begin_layer(layer, &ids);
+                    let r = c.ensure(layer, &ids).unwrap();
+                    c.prefetch(LAYERS[(step + 1) % 3], &[a]).unwrap();
+                    check(&r, layer, &experts);
+                }
+                let t = c.report().total;
+                assert_eq!(src.loads.load(Ordering::SeqCst) as u64, t.misses + t.prefetch_issued, "{policy} {prefetch}");
+                assert_eq!(t.requests(), 600);
+                assert_eq!(t.bytes_loaded, (t.misses + t.prefetch_issued) * (2 * ROWS * COLS * 4) as u64);
+                assert!(src.releases.load(Ordering::SeqCst) as u64 >= t.misses + t.prefetch_issued - 3);
+            }
+        }
+    }
+
+    /// Threads sharing a cache that fits only one token's two experts: no deadlock, and what a thread
+    /// holds pinned is never overwritten while it reads.
+    #[test]
+    fn concurrent_forwards_at_the_smallest_budget() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (c, _src, experts) = cache(tmp.path(), 2, Policy::LeastStale, true);
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let (c, experts) = (&c, &experts);
+                s.spawn(move || {
+                    let mut rng = crate::rng::Rng::new(t);
+                    for _ in 0..100 {
+                        let layer = LAYERS[(rng.next_u64() % 3) as usize];
+                        let a = (rng.next_u64() % E as u64) as usize;
+                        let ids = if rng.next_u64() % 2 == 0 { vec![a] } else { vec![a.min((a + 1) % E), a.max((a + 1) % E)] };
+                        let r = c.ensure(layer, &ids).unwrap();
+                        c.prefetch(LAYERS[(layer + 1) % 3], &[(a + 2) % E]).unwrap();
+                        std::thread::yield_now();
+                        check(&r, layer, experts);
+                    }
+                });
+            }
+        });
+        assert_eq!(c.report().total.requests() as usize, c.report().layers.values().map(|l| l.requests() as usize).sum::<usize>());
+        assert_eq!(c.lock().table.pinned_slots(), 0);
+    }
+
+    #[test]
+    fn a_failed_read_is_an_error_that_names_the_expert() {
+        struct Broken;
+        impl ExpertSource for Broken {
+            fn read(&self, _: Key, _: &[Part], _: &mut [u8]) -> std::io::Result<()> {
+                Err(std::io::Error::other("disk on fire"))
+            }
+            fn release(&self, _: Key, _: &[Part]) {}
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let (_, experts) = model(tmp.path());
+        let layout = experts.iter().map(|(l, v)| (*l, v.iter().map(|m| m.iter().collect()).collect())).collect();
+        let c = ExpertCache::new(Arc::new(ExpertStore::new(layout, Arc::new(Broken))), CacheOptions { slots: 2, policy: Policy::Lru, prefetch: false }).unwrap();
+        let e = c.ensure(1, &[2]).err().expect("the read fails").to_string();
+        assert!(e.contains("expert 2 of layer 1") && e.contains("disk on fire"), "{e}");
+        // The slot was cleared: the next request tries again rather than using garbage.
+        assert!(c.ensure(1, &[2]).is_err());
+        assert_eq!(c.lock().table.pinned_slots(), 0);
     }
 }

@@ -106,7 +106,7 @@ pub fn replay(header: &TraceHeader, routes: &[RouteLine], o: &ReplayOptions) -> 
         if needed.is_empty() {
             prefetch(&mut table, &mut tl);
         }
-        for (k, chunk) in needed.chunks(o.slots.max(1)).enumerate() {
+        for (k, chunk) in table.order(r.layer, &needed).chunks(o.slots.max(1)).enumerate() {
             let placements = table.ensure(r.layer, chunk).expect("single-threaded: nothing else holds pins");
             tl.schedule(&mut table, &placements);
             let stall = tl.wait_for(&placements);

@@ -224,6 +224,16 @@ impl SlotTable {
         self.counters_mut(layer).prefetch_wasted += wasted;
     }
 
+    /// The order in which a layer computes `needed` (ascending ids): resident experts first, so that
+    /// when the layer needs more experts than there are slots, the later chunks' loads evict experts
+    /// already computed rather than ones still to come. (Each token adds at most two expert outputs to
+    /// zero, and two-term float sums commute, so the order never changes the result.)
+    pub fn order(&self, layer: usize, needed: &[usize]) -> Vec<usize> {
+        let (mut here, away): (Vec<usize>, Vec<usize>) = needed.iter().partition(|e| self.index.contains_key(&(layer, **e)));
+        here.extend(away);
+        here
+    }
+
     /// Pins the experts `ids` of `layer` (distinct), choosing slots for those not resident. `None` when
     /// fewer slots are unpinned than misses need (nothing changed: the caller waits for an unpin).
     pub fn ensure(&mut self, layer: usize, ids: &[usize]) -> Option<Vec<Placement>> {
@@ -279,12 +289,14 @@ impl SlotTable {
     pub fn prefetch(&mut self, layer: usize, ids: &[usize]) -> Vec<Placement> {
         let now = self.clock;
         let mut out: Vec<Placement> = Vec::new();
+        // Guessed experts already resident are kept, as are the ones this call places.
+        let mut keep: Vec<usize> = ids.iter().filter_map(|e| self.slot_of((layer, *e))).collect();
         for &e in ids {
             if self.index.contains_key(&(layer, e)) {
                 continue;
             }
-            let taken: Vec<usize> = out.iter().map(|p| p.slot).collect();
-            let Some(slot) = self.victim(&taken) else { break };
+            let Some(slot) = self.victim(&keep) else { break };
+            keep.push(slot);
             let evicted = self.assign(slot, (layer, e));
             let s = &mut self.slots[slot];
             s.pending_prefetch = true;
