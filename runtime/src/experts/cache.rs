@@ -83,8 +83,20 @@ pub struct ExpertCache {
     store: Arc<ExpertStore>,
     state: Mutex<State>,
     unpinned: Condvar,
-    jobs: Mutex<mpsc::Sender<Job>>,
+    /// `None` once dropped: the loader thread then finishes its queue and ends.
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    loader: Option<std::thread::JoinHandle<()>>,
     opts: CacheOptions,
+}
+
+impl Drop for ExpertCache {
+    /// Waits for the loads in flight, so no thread reads the file after the cache is gone.
+    fn drop(&mut self) {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = self.loader.take() {
+            let _ = h.join();
+        }
+    }
 }
 
 /// The pinned experts of one `ensure`: their matrices, in the order asked. Unpins when dropped.
@@ -113,7 +125,7 @@ impl ExpertCache {
         }
         let (tx, rx) = mpsc::channel::<Job>();
         let loader_store = store.clone();
-        std::thread::Builder::new()
+        let loader = std::thread::Builder::new()
             .name("moellava-expert-loader".into())
             .spawn(move || {
                 for mut job in rx {
@@ -127,7 +139,14 @@ impl ExpertCache {
         // Zeroed allocations: the pages are not resident until a load writes them.
         let bufs = (0..opts.slots).map(|_| Buf::Free(vec![0u8; slot_bytes].into_boxed_slice())).collect();
         let table = SlotTable::new(opts.slots, opts.policy, store.expert_bytes());
-        Ok(ExpertCache { store, state: Mutex::new(State { table, bufs }), unpinned: Condvar::new(), jobs: Mutex::new(tx), opts })
+        Ok(ExpertCache {
+            store,
+            state: Mutex::new(State { table, bufs }),
+            unpinned: Condvar::new(),
+            jobs: Mutex::new(Some(tx)),
+            loader: Some(loader),
+            opts,
+        })
     }
 
     pub fn options(&self) -> CacheOptions {
@@ -242,11 +261,9 @@ impl ExpertCache {
             }
             let ticket = Arc::new(Ticket::new());
             let job = Job { key: p.key, buf, ticket: ticket.clone() };
-            self.jobs
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .send(job)
-                .map_err(|_| RuntimeError::Unsupported("the expert loader thread has stopped".into()))?;
+            let stopped = || RuntimeError::Unsupported("the expert loader thread has stopped".into());
+            let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+            jobs.as_ref().ok_or_else(stopped)?.send(job).map_err(|_| stopped())?;
             st.bufs[p.slot] = Buf::Loading(p.key, ticket);
         }
         Ok(())
@@ -381,6 +398,7 @@ mod tests {
                     check(&r, layer, &experts);
                 }
                 let t = c.report().total;
+                drop(c); // waits for the last prefetch
                 assert_eq!(src.loads.load(Ordering::SeqCst) as u64, t.misses + t.prefetch_issued, "{policy} {prefetch}");
                 assert_eq!(t.requests(), 600);
                 assert_eq!(t.bytes_loaded, (t.misses + t.prefetch_issued) * (2 * ROWS * COLS * 4) as u64);
