@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use moellava_runtime::sysinfo::peak_rss_bytes;
+use moellava_runtime::sysinfo::{peak_rss_bytes, rss_split_bytes};
 use serde_json::json;
 
 use super::options::{GenArgs, ModelArgs};
@@ -81,7 +81,11 @@ pub fn run(a: RunArgs) -> Result<()> {
                 "prefill_tokens_per_s": t.prefill_tokens_per_s,
                 "decode_tokens_per_s": t.decode_tokens_per_s,
             },
-            "memory": { "peak_rss_bytes": peak_rss_bytes() },
+            "memory": {
+                "peak_rss_bytes": peak_rss_bytes(),
+                "end_rss_anon_bytes": rss_split_bytes().map(|r| r.0),
+                "end_rss_file_bytes": rss_split_bytes().map(|r| r.1),
+            },
             "routing": answer.routing,
             "gating": a.gen.gating,
             "expert_cache": model.expert_cache_report(),

@@ -162,6 +162,11 @@ impl ExpertCache {
         self.opts.slots
     }
 
+    /// How many experts a layer's forward asks for at once (see [`super::table::chunk_len`]).
+    pub fn chunk_len(&self) -> usize {
+        super::table::chunk_len(self.opts.slots, super::TOP_K)
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -248,7 +253,10 @@ impl ExpertCache {
             let buf = match std::mem::replace(&mut st.bufs[p.slot], Buf::Lost) {
                 Buf::Free(b) => b,
                 // Unpinned, so the forward dropped its views: this is the last reference.
-                Buf::Ready(arc) => Arc::try_unwrap(arc).unwrap_or_else(|a| vec![0u8; a.len()].into_boxed_slice()),
+                Buf::Ready(arc) => {
+                    debug_assert_eq!(Arc::strong_count(&arc), 1, "an unpinned slot's bytes are still referenced");
+                    Arc::try_unwrap(arc).unwrap_or_else(|a| vec![0u8; a.len()].into_boxed_slice())
+                }
                 Buf::Loading(key, t) => {
                     let (_, b, secs) = t.take();
                     st.table.counters_mut(key.0).load_s += secs;

@@ -16,6 +16,9 @@ pub mod store;
 pub mod table;
 pub mod trace;
 
+/// Experts per token in every MoE-LLaVA model (DeepSpeed top-2 gating).
+pub const TOP_K: usize = 2;
+
 pub use cache::{CacheOptions, ExpertCache, Resident};
 pub use store::{ExpertSource, ExpertStore, FileSource};
 pub use table::{Counters, Policy, SlotTable};

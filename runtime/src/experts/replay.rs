@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use super::table::{Counters, Fill, Placement, Policy, SlotTable};
+use super::table::{chunk_len, Counters, Fill, Placement, Policy, SlotTable};
 use super::trace::{RouteLine, TraceHeader};
 
 #[derive(Clone, Copy, Debug)]
@@ -106,7 +106,7 @@ pub fn replay(header: &TraceHeader, routes: &[RouteLine], o: &ReplayOptions) -> 
         if needed.is_empty() {
             prefetch(&mut table, &mut tl);
         }
-        for (k, chunk) in table.order(r.layer, &needed).chunks(o.slots.max(1)).enumerate() {
+        for (k, chunk) in table.order(r.layer, &needed).chunks(chunk_len(o.slots, header.top_k)).enumerate() {
             let placements = table.ensure(r.layer, chunk).expect("single-threaded: nothing else holds pins");
             tl.schedule(&mut table, &placements);
             let stall = tl.wait_for(&placements);

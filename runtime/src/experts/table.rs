@@ -16,6 +16,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::str::FromStr;
 
+/// How many experts a layer pins at once: one token's top-k. A prefill that needs every expert of
+/// the layer computes them k at a time (resident ones first, see [`SlotTable::order`]), so the later
+/// chunks' loads evict the experts this layer has just computed rather than the other layers' ones.
+/// The compute is the same either way: every expert runs once on its own rows.
+pub fn chunk_len(n_slots: usize, top_k: usize) -> usize {
+    n_slots.min(top_k).max(1)
+}
+
 /// One expert of one layer: `(layer, expert)`.
 pub type Key = (usize, usize);
 

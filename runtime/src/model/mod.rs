@@ -161,7 +161,7 @@ impl<B: Backend> Model<B> {
         let store = self.expert_store(source).ok_or_else(|| {
             RuntimeError::Unsupported("--expert-ram: this is a dense model (no MoE layers, no experts to cache)".into())
         })?;
-        let need = 2;
+        let need = crate::experts::TOP_K;
         let slots = budget.slots(store.slot_bytes(), store.n_experts()).min(store.n_experts());
         if slots < need {
             return Err(RuntimeError::Unsupported(format!(
@@ -198,7 +198,7 @@ impl<B: Backend> Model<B> {
             version: 1,
             model: model_name.to_string(),
             n_expert: moe.n_expert,
-            top_k: 2,
+            top_k: crate::experts::TOP_K,
             moe_layers: self.llm.moe_layers().iter().map(|m| m.layer).collect(),
             expert_bytes,
             slot_bytes,

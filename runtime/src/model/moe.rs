@@ -223,7 +223,7 @@ impl Moe {
                 if needed.is_empty() {
                     prefetch(cache)?;
                 }
-                for (k, chunk) in cache.order(self.layer, &needed).chunks(cache.max_chunk()).enumerate() {
+                for (k, chunk) in cache.order(self.layer, &needed).chunks(cache.chunk_len()).enumerate() {
                     let resident = cache.ensure(self.layer, chunk)?;
                     if k == 0 {
                         prefetch(cache)?;
