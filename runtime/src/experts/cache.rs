@@ -345,8 +345,11 @@ mod tests {
         }
     }
 
+    /// Per layer, per expert, its mapped matrices.
+    type Experts = Vec<(usize, Vec<Vec<Weight>>)>;
+
     /// A GGUF with two stacked `[E, ROWS, COLS]` f32 tensors per layer, every value distinct.
-    fn model(dir: &std::path::Path) -> (Arc<GgufFile>, Vec<(usize, Vec<Vec<Weight>>)>) {
+    fn model(dir: &std::path::Path) -> (Arc<GgufFile>, Experts) {
         let path = dir.join("experts.gguf");
         let names: Vec<String> = LAYERS.iter().flat_map(|l| [format!("blk.{l}.ffn_up_exps.weight"), format!("blk.{l}.ffn_down_exps.weight")]).collect();
         let specs = names.iter().map(|n| TensorSpec::from_shape(n.clone(), GgmlType::F32, &[E, ROWS, COLS])).collect();
@@ -369,7 +372,7 @@ mod tests {
         (file, experts)
     }
 
-    fn cache(dir: &std::path::Path, slots: usize, policy: Policy, prefetch: bool) -> (ExpertCache, Arc<SlowSource>, Vec<(usize, Vec<Vec<Weight>>)>) {
+    fn cache(dir: &std::path::Path, slots: usize, policy: Policy, prefetch: bool) -> (ExpertCache, Arc<SlowSource>, Experts) {
         let (file, experts) = model(dir);
         let src = Arc::new(SlowSource { inner: FileSource::open(file.path()).unwrap(), loads: AtomicUsize::new(0), releases: AtomicUsize::new(0) });
         let layout = experts.iter().map(|(l, v)| (*l, v.iter().map(|m| m.iter().collect()).collect())).collect();

@@ -51,6 +51,9 @@ impl RouteLine {
     }
 }
 
+/// One MoE layer of one call: `(layer, kept experts per token, the guess for this layer)`.
+pub type LayerRouting = (usize, Vec<Vec<usize>>, Option<Vec<usize>>);
+
 /// Appends route lines to a trace file.
 pub struct TraceWriter {
     out: BufWriter<std::fs::File>,
@@ -72,7 +75,7 @@ impl TraceWriter {
     }
 
     /// Records one forward call: per MoE layer `(layer, experts per token, guess)`.
-    pub fn record_call(&mut self, pos: usize, layers: &[(usize, Vec<Vec<usize>>, Option<Vec<usize>>)]) -> Result<()> {
+    pub fn record_call(&mut self, pos: usize, layers: &[LayerRouting]) -> Result<()> {
         for (layer, experts, guess) in layers {
             let l = RouteLine {
                 kind: "route".into(),
