@@ -125,6 +125,10 @@ impl Backend for CpuBackend {
         dst.data.extend_from_slice(&src.data);
     }
 
+    fn reserve_rows(&self, dst: &mut HostMat, rows: usize) {
+        dst.data.reserve_exact(rows * dst.cols);
+    }
+
     fn zeros(&self, rows: usize, cols: usize) -> HostMat {
         HostMat { data: vec![0.0; rows * cols], cols }
     }

@@ -52,6 +52,8 @@ pub trait Backend: Send + Sync {
     fn concat_rows(&self, parts: &[&Self::Act]) -> Self::Act;
     /// Appends the rows of `src` to `dst` (the KV cache).
     fn append_rows(&self, dst: &mut Self::Act, src: &Self::Act);
+    /// Room for `rows` more rows in `dst` without moving it (a hint; the KV cache of a known length).
+    fn reserve_rows(&self, _dst: &mut Self::Act, _rows: usize) {}
     /// A matrix of zeros.
     fn zeros(&self, rows: usize, cols: usize) -> Self::Act;
 }

@@ -21,6 +21,17 @@ impl<B: Backend> KvCache<B> {
         let kv = c.n_head_kv * c.head_dim;
         KvCache { layers: (0..c.n_layer).map(|_| (be.zeros(0, kv), be.zeros(0, kv))).collect(), len: 0 }
     }
+
+    /// A cache with room for `positions` positions allocated up front: growing it token by token
+    /// would reallocate (and, in the heap, fragment) every layer's K and V several times.
+    pub fn with_capacity(be: &B, c: &LlmConfig, positions: usize) -> KvCache<B> {
+        let mut cache = KvCache::new(be, c);
+        for (k, v) in &mut cache.layers {
+            be.reserve_rows(k, positions);
+            be.reserve_rows(v, positions);
+        }
+        cache
+    }
 }
 
 pub struct Attention {

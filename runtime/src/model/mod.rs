@@ -299,7 +299,6 @@ impl<B: Backend> Model<B> {
     /// Answers one prompt (already templated), streaming the text through `on_text`.
     pub fn generate(&self, input: PreparedInput<B>, o: &GenerateOptions, on_text: &mut dyn FnMut(&str)) -> Result<Answer> {
         let be = &self.backend;
-        let mut cache = KvCache::new(be, &self.config.llm);
         let mut gating = match o.gating {
             GatingMode::Deterministic => Gating::Deterministic,
             GatingMode::Reference { seed } => Gating::Reference(Rng::new(seed ^ 0x6D6F_656C_6C61_7661)),
@@ -311,6 +310,7 @@ impl<B: Backend> Model<B> {
                 o.max_new_tokens, self.config.llm.context_length
             )));
         }
+        let mut cache = KvCache::with_capacity(be, &self.config.llm, prompt_tokens + o.max_new_tokens);
         let t0 = Instant::now();
         let mut trace = Trace::default();
         let mut logits = self.forward(input.embeds, &mut cache, &mut gating, &mut trace)?;
