@@ -24,8 +24,21 @@ fn run(m: &Path, tmp: &Path, tag: &str, extra: &[&str]) -> (Value, Vec<u8>) {
     let img = common::root().join("tests/fixtures/images/wide.png");
     let logits = tmp.join(format!("{tag}.npy"));
     let mut args = vec![
-        "run", "-m", m.to_str().unwrap(), "--image", img.to_str().unwrap(), "-p", "What is in the picture?",
-        "--max-new-tokens", "8", "--ignore-eos", "--threads", "1", "--json", "--logits-out", logits.to_str().unwrap(),
+        "run",
+        "-m",
+        m.to_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+        "-p",
+        "What is in the picture?",
+        "--max-new-tokens",
+        "8",
+        "--ignore-eos",
+        "--threads",
+        "1",
+        "--json",
+        "--logits-out",
+        logits.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
     let o = common::run_moellava(&args);
@@ -76,7 +89,17 @@ fn expert_bytes(m: &Path, tmp: &Path) -> u64 {
 
 fn header(m: &Path, tmp: &Path) -> Value {
     let t = tmp.join("header-probe.jsonl");
-    let o = common::run_moellava(&["run", "-m", m.to_str().unwrap(), "-p", "hi", "--max-new-tokens", "1", "--route-trace", t.to_str().unwrap()]);
+    let o = common::run_moellava(&[
+        "run",
+        "-m",
+        m.to_str().unwrap(),
+        "-p",
+        "hi",
+        "--max-new-tokens",
+        "1",
+        "--route-trace",
+        t.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let text = std::fs::read_to_string(&t).unwrap();
     serde_json::from_str(text.lines().next().unwrap()).unwrap()
@@ -86,7 +109,9 @@ fn header(m: &Path, tmp: &Path) -> Value {
 fn replay_reproduces_the_runs_decisions() {
     let tmp = tempfile::tempdir().unwrap();
     let Some(m) = model(tmp.path(), "stablelm") else { return };
-    for (budget, policy, prefetch) in [("50%", "lru", true), ("50%", "least-stale", true), ("25%", "lfu", false), ("75%", "lru", false)] {
+    for (budget, policy, prefetch) in
+        [("50%", "lru", true), ("50%", "least-stale", true), ("25%", "lfu", false), ("75%", "lru", false)]
+    {
         let trace = tmp.path().join(format!("t-{policy}-{budget}.jsonl"));
         let mut extra = vec!["--expert-ram", budget, "--expert-policy", policy, "--route-trace", trace.to_str().unwrap()];
         if prefetch {
@@ -154,7 +179,9 @@ fn bad_expert_options_are_one_line_errors() {
     let mut text = std::fs::read_to_string(&t).unwrap();
     let h: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
     let layer = h["moe_layers"][0].as_u64().unwrap();
-    text.push_str(&format!("{{\"kind\":\"route\",\"call\":9,\"seq\":0,\"pos\":0,\"layer\":{layer},\"experts\":[[0,7]],\"guess\":null}}\n"));
+    text.push_str(&format!(
+        "{{\"kind\":\"route\",\"call\":9,\"seq\":0,\"pos\":0,\"layer\":{layer},\"experts\":[[0,7]],\"guess\":null}}\n"
+    ));
     std::fs::write(&t, text).unwrap();
     expect_error(&["replay-route", t.to_str().unwrap()], &["expert 7"]);
 }

@@ -90,7 +90,8 @@ fn ours_decode(m: &Model, n: usize) -> Result<(f64, Vec<Vec<[usize; 2]>>)> {
     let be = &m.backend;
     let mut cache = KvCache::new(be, &m.config.llm);
     let vocab = m.config.llm.n_vocab;
-    let mut logits = m.forward(m.llm.embed(be, &prompt_ids(16, vocab))?, &mut cache, &mut Gating::Deterministic, &mut Trace::default())?;
+    let mut logits =
+        m.forward(m.llm.embed(be, &prompt_ids(16, vocab))?, &mut cache, &mut Gating::Deterministic, &mut Trace::default())?;
     let mut routes = Vec::new();
     let t = Instant::now();
     for _ in 0..n {

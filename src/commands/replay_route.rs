@@ -60,7 +60,13 @@ pub fn run(a: ReplayRouteArgs) -> Result<()> {
     let n_total = header.moe_layers.len() * header.n_expert;
     let policies: Vec<Policy> =
         a.policy.iter().map(|p| p.parse().map_err(|e: String| anyhow::anyhow!("--policy: {e}"))).collect::<Result<_>>()?;
-    let prefetch_modes: &[bool] = if a.both { &[false, true] } else if a.prefetch { &[true] } else { &[false] };
+    let prefetch_modes: &[bool] = if a.both {
+        &[false, true]
+    } else if a.prefetch {
+        &[true]
+    } else {
+        &[false]
+    };
     let mut runs: Vec<(String, ReplayReport)> = Vec::new();
     for b in &a.budget {
         let slots = slots_for(b, n_total).map_err(anyhow::Error::msg)?;
@@ -69,7 +75,13 @@ pub fn run(a: ReplayRouteArgs) -> Result<()> {
         }
         for &policy in &policies {
             for &prefetch in prefetch_modes {
-                let o = ReplayOptions { slots: slots.min(n_total), policy, prefetch, bw_load: a.bw_load * 1e9, bw_compute: a.bw_compute * 1e9 };
+                let o = ReplayOptions {
+                    slots: slots.min(n_total),
+                    policy,
+                    prefetch,
+                    bw_load: a.bw_load * 1e9,
+                    bw_compute: a.bw_compute * 1e9,
+                };
                 runs.push((b.clone(), replay(&header, &routes, &o)));
             }
         }

@@ -43,7 +43,7 @@ pub struct RunArgs {
     pub logits_out: Option<PathBuf>,
     /// Print one JSON object: text, tokens, prompt_tokens, image_tokens, stop_reason, timings, memory,
     /// routing (per MoE layer, the experts chosen for the last prompt token), expert_cache (counters with
-/// --expert-ram, else null).
+    /// --expert-ram, else null).
     #[arg(long)]
     pub json: bool,
 }

@@ -351,7 +351,10 @@ mod tests {
     /// A GGUF with two stacked `[E, ROWS, COLS]` f32 tensors per layer, every value distinct.
     fn model(dir: &std::path::Path) -> (Arc<GgufFile>, Experts) {
         let path = dir.join("experts.gguf");
-        let names: Vec<String> = LAYERS.iter().flat_map(|l| [format!("blk.{l}.ffn_up_exps.weight"), format!("blk.{l}.ffn_down_exps.weight")]).collect();
+        let names: Vec<String> = LAYERS
+            .iter()
+            .flat_map(|l| [format!("blk.{l}.ffn_up_exps.weight"), format!("blk.{l}.ffn_down_exps.weight")])
+            .collect();
         let specs = names.iter().map(|n| TensorSpec::from_shape(n.clone(), GgmlType::F32, &[E, ROWS, COLS])).collect();
         let mut w = GgufWriter::create(&path, &[], specs).unwrap();
         for (k, n) in names.iter().enumerate() {
@@ -374,7 +377,11 @@ mod tests {
 
     fn cache(dir: &std::path::Path, slots: usize, policy: Policy, prefetch: bool) -> (ExpertCache, Arc<SlowSource>, Experts) {
         let (file, experts) = model(dir);
-        let src = Arc::new(SlowSource { inner: FileSource::open(file.path()).unwrap(), loads: AtomicUsize::new(0), releases: AtomicUsize::new(0) });
+        let src = Arc::new(SlowSource {
+            inner: FileSource::open(file.path()).unwrap(),
+            loads: AtomicUsize::new(0),
+            releases: AtomicUsize::new(0),
+        });
         let layout = experts.iter().map(|(l, v)| (*l, v.iter().map(|m| m.iter().collect()).collect())).collect();
         let store = Arc::new(ExpertStore::new(layout, src.clone()));
         (ExpertCache::new(store, CacheOptions { slots, policy, prefetch }).unwrap(), src, experts)
@@ -441,7 +448,10 @@ mod tests {
                 });
             }
         });
-        assert_eq!(c.report().total.requests() as usize, c.report().layers.values().map(|l| l.requests() as usize).sum::<usize>());
+        assert_eq!(
+            c.report().total.requests() as usize,
+            c.report().layers.values().map(|l| l.requests() as usize).sum::<usize>()
+        );
         assert_eq!(c.lock().table.pinned_slots(), 0);
     }
 
@@ -457,7 +467,11 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (_, experts) = model(tmp.path());
         let layout = experts.iter().map(|(l, v)| (*l, v.iter().map(|m| m.iter().collect()).collect())).collect();
-        let c = ExpertCache::new(Arc::new(ExpertStore::new(layout, Arc::new(Broken))), CacheOptions { slots: 2, policy: Policy::Lru, prefetch: false }).unwrap();
+        let c = ExpertCache::new(
+            Arc::new(ExpertStore::new(layout, Arc::new(Broken))),
+            CacheOptions { slots: 2, policy: Policy::Lru, prefetch: false },
+        )
+        .unwrap();
         let e = c.ensure(1, &[2]).err().expect("the read fails").to_string();
         assert!(e.contains("expert 2 of layer 1") && e.contains("disk on fire"), "{e}");
         // The slot was cleared: the next request tries again rather than using garbage.

@@ -34,10 +34,15 @@ impl std::str::FromStr for Budget {
     type Err = String;
     fn from_str(s: &str) -> Result<Budget, String> {
         let t = s.trim();
-        let bad = || format!("'{s}': expected bytes (e.g. 1500000000, 512MiB, 2GB, 1.5G) or a percentage of the experts (e.g. 50%)");
+        let bad =
+            || format!("'{s}': expected bytes (e.g. 1500000000, 512MiB, 2GB, 1.5G) or a percentage of the experts (e.g. 50%)");
         if let Some(p) = t.strip_suffix('%') {
             let p: f64 = p.trim().parse().map_err(|_| bad())?;
-            return if p > 0.0 && p <= 100.0 { Ok(Budget::Percent(p)) } else { Err(format!("'{s}': the percentage must be in (0, 100]")) };
+            return if p > 0.0 && p <= 100.0 {
+                Ok(Budget::Percent(p))
+            } else {
+                Err(format!("'{s}': the percentage must be in (0, 100]"))
+            };
         }
         let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);

@@ -43,7 +43,10 @@ pub struct ReplayReport {
 pub fn slots_for(budget: &str, n_experts_total: usize) -> Result<usize, String> {
     let b = budget.trim();
     if let Some(p) = b.strip_suffix('%') {
-        let p: f64 = p.trim().parse().map_err(|_| format!("--budget '{budget}': expected a number of experts or a percentage like 50%"))?;
+        let p: f64 = p
+            .trim()
+            .parse()
+            .map_err(|_| format!("--budget '{budget}': expected a number of experts or a percentage like 50%"))?;
         if !(p > 0.0 && p <= 100.0) {
             return Err(format!("--budget '{budget}': the percentage must be in (0, 100]"));
         }
@@ -85,7 +88,12 @@ impl Timeline {
 pub fn replay(header: &TraceHeader, routes: &[RouteLine], o: &ReplayOptions) -> ReplayReport {
     let mut table = SlotTable::new(o.slots, o.policy, header.expert_bytes);
     let compute_s = header.expert_bytes as f64 / o.bw_compute.max(1.0);
-    let mut tl = Timeline { now: 0.0, loader_free: 0.0, ready_at: vec![0.0; o.slots], load_s: header.expert_bytes as f64 / o.bw_load.max(1.0) };
+    let mut tl = Timeline {
+        now: 0.0,
+        loader_free: 0.0,
+        ready_at: vec![0.0; o.slots],
+        load_s: header.expert_bytes as f64 / o.bw_load.max(1.0),
+    };
     let mut all_resident = 0f64;
     let (mut guessed, mut guessed_used) = (0u64, 0u64);
     for (i, r) in routes.iter().enumerate() {
@@ -167,9 +175,8 @@ mod tests {
 
     #[test]
     fn everything_fits_means_only_cold_misses_and_a_perfect_guess_stalls_less() {
-        let routes: Vec<RouteLine> = (0..10)
-            .flat_map(|c| [line(c, 0, [0, 1], None), line(c, 1, [2, 3], Some(vec![2, 3]))])
-            .collect();
+        let routes: Vec<RouteLine> =
+            (0..10).flat_map(|c| [line(c, 0, [0, 1], None), line(c, 1, [2, 3], Some(vec![2, 3]))]).collect();
         let o = ReplayOptions { slots: 8, policy: Policy::Lru, prefetch: false, bw_load: 100.0, bw_compute: 1000.0 };
         let r = replay(&header(), &routes, &o);
         assert_eq!((r.total.misses, r.total.hits), (4, 36));

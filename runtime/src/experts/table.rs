@@ -246,11 +246,8 @@ impl SlotTable {
     /// fewer slots are unpinned than misses need (nothing changed: the caller waits for an unpin).
     pub fn ensure(&mut self, layer: usize, ids: &[usize]) -> Option<Vec<Placement>> {
         let misses = ids.iter().filter(|e| !self.index.contains_key(&(layer, **e))).count();
-        let evictable = self
-            .slots
-            .iter()
-            .filter(|s| s.pins == 0 && !s.key.is_some_and(|k| k.0 == layer && ids.contains(&k.1)))
-            .count();
+        let evictable =
+            self.slots.iter().filter(|s| s.pins == 0 && !s.key.is_some_and(|k| k.0 == layer && ids.contains(&k.1))).count();
         if misses > evictable {
             return None;
         }

@@ -7,14 +7,14 @@
 
 use crate::backend::Backend;
 use crate::error::Result;
+use crate::experts::ExpertCache;
 use crate::gguf::keys::tensors as tn;
 use crate::model::attention::{Attention, KvCache};
 use crate::model::config::{Family, LlmConfig, MoeConfig};
 use crate::model::ffn::Ffn;
 use crate::model::moe::{Gating, Moe, MoeStep, Routing};
-use crate::experts::ExpertCache;
-use std::sync::Arc;
 use crate::model::weights::{Weight, WeightStore};
+use std::sync::Arc;
 
 struct Norm {
     w: Vec<f32>,

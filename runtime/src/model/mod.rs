@@ -157,7 +157,13 @@ impl<B: Backend> Model<B> {
 
     /// Keeps the experts in at most `budget` of RAM slots, read from `source` on demand (`--expert-ram`).
     /// Errors on a dense model, and when the budget does not hold the two experts one token needs.
-    pub fn enable_expert_cache(&mut self, budget: Budget, policy: Policy, prefetch: bool, source: Arc<dyn ExpertSource>) -> Result<()> {
+    pub fn enable_expert_cache(
+        &mut self,
+        budget: Budget,
+        policy: Policy,
+        prefetch: bool,
+        source: Arc<dyn ExpertSource>,
+    ) -> Result<()> {
         let store = self.expert_store(source).ok_or_else(|| {
             RuntimeError::Unsupported("--expert-ram: this is a dense model (no MoE layers, no experts to cache)".into())
         })?;
@@ -183,9 +189,10 @@ impl<B: Backend> Model<B> {
 
     /// Writes every forward call's routing to `path` from now on (`--route-trace`).
     pub fn record_route_trace(&mut self, path: &Path, model_name: &str) -> Result<()> {
-        let moe = self.config.moe.as_ref().ok_or_else(|| {
-            RuntimeError::Unsupported("--route-trace: this is a dense model (no MoE layers to trace)".into())
-        })?;
+        let moe =
+            self.config.moe.as_ref().ok_or_else(|| {
+                RuntimeError::Unsupported("--route-trace: this is a dense model (no MoE layers to trace)".into())
+            })?;
         let (expert_bytes, slot_bytes) = match &self.llm.experts {
             Some(c) => (c.store().expert_bytes(), c.store().slot_bytes() as u64),
             None => {
@@ -217,7 +224,8 @@ impl<B: Backend> Model<B> {
                 .iter()
                 .zip(&trace.guesses[g0..])
                 .map(|((layer, _, r), g)| {
-                    let experts = r.experts.iter().zip(&r.kept).map(|(e, k)| (0..2).filter(|i| k[*i]).map(|i| e[i]).collect()).collect();
+                    let experts =
+                        r.experts.iter().zip(&r.kept).map(|(e, k)| (0..2).filter(|i| k[*i]).map(|i| e[i]).collect()).collect();
                     (*layer, experts, g.clone())
                 })
                 .collect();

@@ -13,8 +13,8 @@
 //! Dims: T = n_tokens, E = n_expert, D = n_embd, F = n_ff.
 
 use crate::backend::Backend;
-use crate::experts::ExpertCache;
 use crate::error::Result;
+use crate::experts::ExpertCache;
 use crate::gguf::keys::tensors as tn;
 use crate::model::config::{Family, LlmConfig, MoeConfig};
 use crate::model::ffn::Ffn;
