@@ -157,11 +157,6 @@ impl ExpertCache {
         &self.store
     }
 
-    /// The most experts one `ensure` may ask for.
-    pub fn max_chunk(&self) -> usize {
-        self.opts.slots
-    }
-
     /// How many experts a layer's forward asks for at once (see [`super::table::chunk_len`]).
     pub fn chunk_len(&self) -> usize {
         super::table::chunk_len(self.opts.slots, super::TOP_K)
@@ -186,9 +181,9 @@ impl ExpertCache {
         self.lock().table.order(layer, needed)
     }
 
-    /// Makes the experts `ids` of `layer` resident and pinned (at most [`Self::max_chunk`] of them).
+    /// Makes the experts `ids` of `layer` resident and pinned (at most one per slot).
     pub fn ensure(&self, layer: usize, ids: &[usize]) -> Result<Resident<'_>> {
-        assert!(ids.len() <= self.max_chunk(), "ensure asks for {} experts, the cache has {} slots", ids.len(), self.max_chunk());
+        assert!(ids.len() <= self.opts.slots, "ensure asks for {} experts, the cache has {} slots", ids.len(), self.opts.slots);
         let t_wait = Instant::now();
         let mut st = self.lock();
         let placements = loop {

@@ -62,14 +62,16 @@ impl ExpertSource for FileSource {
     }
 }
 
-/// A source that has nothing to read (for describing the layout only).
-pub struct NoSource;
-
-impl ExpertSource for NoSource {
-    fn read(&self, _key: Key, _parts: &[Part], _dst: &mut [u8]) -> io::Result<()> {
-        Err(io::Error::other("no expert source"))
-    }
-    fn release(&self, _key: Key, _parts: &[Part]) {}
+/// Where each part of an expert starts in a slot: one after another, each 64-byte aligned.
+fn slot_offsets(mats: &[&Weight]) -> Vec<usize> {
+    let mut off = 0;
+    mats.iter()
+        .map(|w| {
+            let here = off;
+            off = (off + w.n_bytes()).div_ceil(PART_ALIGN) * PART_ALIGN;
+            here
+        })
+        .collect()
 }
 
 /// The layout of every expert of every MoE layer, and the source that reads them.
@@ -84,25 +86,33 @@ pub struct ExpertStore {
 impl ExpertStore {
     /// `experts`: per MoE layer, per expert, its matrices as mapped views.
     pub fn new(experts: Vec<(usize, Vec<Vec<&Weight>>)>, source: Arc<dyn ExpertSource>) -> ExpertStore {
+        let (slot_bytes, expert_bytes) = Self::sizes(&experts);
         let mut parts = std::collections::BTreeMap::new();
-        let (mut slot_bytes, mut expert_bytes) = (0usize, 0u64);
         for (layer, per_expert) in experts {
             for (e, mats) in per_expert.into_iter().enumerate() {
-                let mut off = 0usize;
-                let mut v = Vec::new();
-                let mut bytes = 0u64;
-                for w in mats {
-                    let (file_offset, len) = w.file_range().expect("experts are described by their mapped views");
-                    v.push(Part { weight: w.clone(), file_offset: file_offset as u64, slot_offset: off });
-                    off = (off + len).div_ceil(PART_ALIGN) * PART_ALIGN;
-                    bytes += len as u64;
-                }
-                slot_bytes = slot_bytes.max(off);
-                expert_bytes = expert_bytes.max(bytes);
+                let offsets = slot_offsets(&mats);
+                let v = mats
+                    .into_iter()
+                    .zip(offsets)
+                    .map(|(w, slot_offset)| {
+                        let (file_offset, _) = w.file_range().expect("experts are described by their mapped views");
+                        Part { weight: w.clone(), file_offset: file_offset as u64, slot_offset }
+                    })
+                    .collect();
                 parts.insert((layer, e), v);
             }
         }
         ExpertStore { parts, slot_bytes, expert_bytes, source }
+    }
+
+    /// `(slot bytes, expert bytes)` of a layout: the largest expert, with and without part alignment.
+    pub fn sizes(experts: &[(usize, Vec<Vec<&Weight>>)]) -> (usize, u64) {
+        let all = experts.iter().flat_map(|(_, per_expert)| per_expert);
+        all.map(|mats| {
+            let slot = slot_offsets(mats).last().zip(mats.last()).map_or(0, |(o, w)| o + w.n_bytes());
+            (slot.div_ceil(PART_ALIGN) * PART_ALIGN, mats.iter().map(|w| w.n_bytes() as u64).sum::<u64>())
+        })
+        .fold((0, 0), |(s, b), (s2, b2)| (s.max(s2), b.max(b2)))
     }
 
     /// Bytes of one slot (the largest expert, parts aligned).

@@ -124,11 +124,6 @@ impl Counters {
         self.load_s += o.load_s;
         self.stall_s += o.stall_s;
     }
-
-    /// The decision counters only (what a replay must reproduce exactly).
-    pub fn decisions(&self) -> [u64; 6] {
-        [self.hits, self.misses, self.prefetch_hits, self.prefetch_issued, self.prefetch_wasted, self.bytes_loaded]
-    }
 }
 
 /// How a requested or prefetched expert got its slot.
@@ -180,14 +175,6 @@ impl SlotTable {
             expert_bytes,
             counters: BTreeMap::new(),
         }
-    }
-
-    pub fn n_slots(&self) -> usize {
-        self.slots.len()
-    }
-
-    pub fn policy(&self) -> Policy {
-        self.policy
     }
 
     /// Counters per MoE layer.
@@ -395,7 +382,11 @@ mod tests {
         }
         let p = t.ensure(0, &[2]).unwrap();
         assert_eq!(p[0].fill, Fill::Load { evicted: Some((0, 1)) });
-        assert_eq!(t.total().decisions(), [1, 3, 0, 0, 0, 30]);
+        let c = t.total();
+        assert_eq!(
+            [c.hits, c.misses, c.prefetch_hits, c.prefetch_issued, c.prefetch_wasted, c.bytes_loaded],
+            [1, 3, 0, 0, 0, 30]
+        );
     }
 
     #[test]

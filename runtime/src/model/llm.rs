@@ -73,6 +73,10 @@ pub struct Llm {
     output: Weight,
     /// With `--expert-ram`: the cache the MoE layers read their experts from.
     pub experts: Option<Arc<ExpertCache>>,
+    /// Per layer, the index of the next MoE layer after it (fixed at load).
+    next_moe: Vec<Option<usize>>,
+    /// Compute every MoE layer's guess for the next one even without prefetch (`--route-trace`).
+    pub record_guesses: bool,
 }
 
 impl Llm {
@@ -98,6 +102,10 @@ impl Llm {
             out_norm: Norm::load(ws, tn::OUTPUT_NORM, c)?,
             output: ws.matrix(tn::OUTPUT, c.n_vocab, c.n_embd)?,
             experts: None,
+            next_moe: (0..c.n_layer)
+                .map(|i| moe.and_then(|m| m.layers.iter().copied().filter(|l| *l > i && *l < c.n_layer).min()))
+                .collect(),
+            record_guesses: false,
         })
     }
 
@@ -123,7 +131,8 @@ impl Llm {
     ) -> Result<Vec<f32>> {
         let first_pos = cache.len;
         let (t, _) = be.shape(&x);
-        let moes = self.moe_layers();
+        let experts = self.experts.as_deref();
+        let want_guess = self.record_guesses || experts.is_some_and(|c| c.options().prefetch);
         let mut guess: Option<Vec<usize>> = None;
         for (i, l) in self.layers.iter().enumerate() {
             let h = l.attn_norm.apply(be, &x);
@@ -138,8 +147,11 @@ impl Llm {
             let f = match &l.ffn {
                 LayerFfn::Dense(ffn) => ffn.forward(be, &h)?,
                 LayerFfn::Moe(moe) => {
-                    let next = moes.iter().position(|m| m.layer == i).and_then(|k| moes.get(k + 1)).copied();
-                    let o = moe.forward(be, &h, gating, MoeStep { cache: self.experts.as_deref(), next })?;
+                    let next = match self.next_moe[i].map(|j| &self.layers[j].ffn) {
+                        Some(LayerFfn::Moe(m)) if want_guess => Some(m),
+                        _ => None,
+                    };
+                    let o = moe.forward(be, &h, gating, MoeStep { cache: experts, next })?;
                     trace.moe.push((i, o.logits, o.routing));
                     trace.guesses.push(std::mem::replace(&mut guess, o.guess_next));
                     o.y

@@ -145,14 +145,9 @@ impl<B: Backend> Model<B> {
         Ok(Model { config, tokenizer, llm, vision, backend, file, route_trace: None })
     }
 
-    /// Where every expert lives in the file, read through `source` (`None` for a dense model).
-    pub fn expert_store(&self, source: Arc<dyn ExpertSource>) -> Option<ExpertStore> {
-        let moes = self.llm.moe_layers();
-        if moes.is_empty() {
-            return None;
-        }
-        let layers = moes.iter().map(|m| (m.layer, m.experts().iter().map(|f| f.matrices()).collect())).collect();
-        Some(ExpertStore::new(layers, source))
+    /// Per MoE layer, per expert, its matrices as mapped views (empty for a dense model).
+    fn expert_matrices(&self) -> Vec<(usize, Vec<Vec<&weights::Weight>>)> {
+        self.llm.moe_layers().iter().map(|m| (m.layer, m.experts().iter().map(|f| f.matrices()).collect())).collect()
     }
 
     /// Keeps the experts in at most `budget` of RAM slots, read from `source` on demand (`--expert-ram`).
@@ -164,9 +159,13 @@ impl<B: Backend> Model<B> {
         prefetch: bool,
         source: Arc<dyn ExpertSource>,
     ) -> Result<()> {
-        let store = self.expert_store(source).ok_or_else(|| {
-            RuntimeError::Unsupported("--expert-ram: this is a dense model (no MoE layers, no experts to cache)".into())
-        })?;
+        let experts = self.expert_matrices();
+        if experts.is_empty() {
+            return Err(RuntimeError::Unsupported(
+                "--expert-ram: this is a dense model (no MoE layers, no experts to cache)".into(),
+            ));
+        }
+        let store = ExpertStore::new(experts, source);
         let need = crate::experts::TOP_K;
         let slots = budget.slots(store.slot_bytes(), store.n_experts()).min(store.n_experts());
         if slots < need {
@@ -193,13 +192,7 @@ impl<B: Backend> Model<B> {
             self.config.moe.as_ref().ok_or_else(|| {
                 RuntimeError::Unsupported("--route-trace: this is a dense model (no MoE layers to trace)".into())
             })?;
-        let (expert_bytes, slot_bytes) = match &self.llm.experts {
-            Some(c) => (c.store().expert_bytes(), c.store().slot_bytes() as u64),
-            None => {
-                let s = self.expert_store(Arc::new(crate::experts::store::NoSource)).expect("MoE model");
-                (s.expert_bytes(), s.slot_bytes() as u64)
-            }
-        };
+        let (slot_bytes, expert_bytes) = ExpertStore::sizes(&self.expert_matrices());
         let header = TraceHeader {
             kind: "header".into(),
             version: 1,
@@ -208,9 +201,10 @@ impl<B: Backend> Model<B> {
             top_k: crate::experts::TOP_K,
             moe_layers: self.llm.moe_layers().iter().map(|m| m.layer).collect(),
             expert_bytes,
-            slot_bytes,
+            slot_bytes: slot_bytes as u64,
         };
         self.route_trace = Some(Mutex::new(TraceWriter::create(path, &header)?));
+        self.llm.record_guesses = true;
         Ok(())
     }
 
@@ -224,9 +218,7 @@ impl<B: Backend> Model<B> {
                 .iter()
                 .zip(&trace.guesses[g0..])
                 .map(|((layer, _, r), g)| {
-                    let experts =
-                        r.experts.iter().zip(&r.kept).map(|(e, k)| (0..2).filter(|i| k[*i]).map(|i| e[i]).collect()).collect();
-                    (*layer, experts, g.clone())
+                    (*layer, (0..r.experts.len()).map(|t| r.kept_experts(t).collect()).collect(), g.clone())
                 })
                 .collect();
             w.lock().unwrap_or_else(|e| e.into_inner()).record_call(pos, &layers)?;

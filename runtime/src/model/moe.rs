@@ -62,6 +62,21 @@ pub struct Routing {
     pub capacity: usize,
 }
 
+impl Routing {
+    /// The experts token `tok` is computed by (its choices the capacity rule kept).
+    pub fn kept_experts(&self, tok: usize) -> impl Iterator<Item = usize> + '_ {
+        (0..2).filter(move |k| self.kept[tok][*k]).map(move |k| self.experts[tok][k])
+    }
+
+    /// The distinct experts the layer computes in this call, ascending.
+    pub fn needed(&self) -> Vec<usize> {
+        let mut v: Vec<usize> = (0..self.experts.len()).flat_map(|tok| self.kept_experts(tok)).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+}
+
 /// DeepSpeed's `_capacity`: the token count over experts (a Python float) times the capacity factor
 /// (a float32 tensor) is rounded to float32, then ceiled.
 pub fn capacity(n_tokens: usize, n_expert: usize, eval_capacity_factor: f32, min_capacity: usize) -> usize {
@@ -171,11 +186,7 @@ impl Moe {
     /// The experts this layer's router would pick (deterministic top-2 per token, distinct, ascending)
     /// for `h`: applied to an earlier layer's input, the prefetch guess for this layer.
     pub fn guess<B: Backend>(&self, be: &B, h: &B::Act) -> Result<Vec<usize>> {
-        let r = route(&self.router(be, h)?, self.n_expert, f32::INFINITY, 0, None);
-        let mut ids: Vec<usize> = r.experts.iter().flatten().copied().collect();
-        ids.sort_unstable();
-        ids.dedup();
-        Ok(ids)
+        Ok(route(&self.router(be, h)?, self.n_expert, f32::INFINITY, 0, None).needed())
     }
 
     /// `h [T, D]` → `[T, D]`; returns the router logits `[T, E]`, the routing, and (with a `next` MoE
@@ -187,12 +198,7 @@ impl Moe {
         let noise = gating.noise(self.layer, t * self.n_expert);
         let routing = route(&logits, self.n_expert, self.eval_capacity_factor, self.min_capacity, noise.as_deref());
         let guess = step.next.map(|n| n.guess(be, h).map(|g| (n.layer, g))).transpose()?;
-        let mut needed: Vec<usize> = Vec::new();
-        for tok in 0..t {
-            needed.extend((0..2).filter(|k| routing.kept[tok][*k]).map(|k| routing.experts[tok][k]));
-        }
-        needed.sort_unstable();
-        needed.dedup();
+        let needed = routing.needed();
         let mut out = be.zeros(t, d);
         let apply = |e: usize, expert: &Ffn, out: &mut B::Act| -> Result<()> {
             let (mut rows, mut weights) = (Vec::new(), Vec::new());
@@ -243,7 +249,8 @@ impl Moe {
 pub struct MoeStep<'a> {
     /// The expert cache (`--expert-ram`); `None` reads the experts from the file's map.
     pub cache: Option<&'a ExpertCache>,
-    /// The next MoE layer of the model, whose experts are guessed (and prefetched with a cache).
+    /// The next MoE layer of the model, whose experts are to be guessed (and prefetched with a
+    /// cache); `None` when nobody wants the guess (no prefetch, no route trace).
     pub next: Option<&'a Moe>,
 }
 
