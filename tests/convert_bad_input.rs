@@ -63,15 +63,7 @@ impl Case {
         let out = self.out();
         let mut args = vec!["convert", model.to_str().unwrap(), "-o", out.to_str().unwrap()];
         args.extend_from_slice(extra);
-        let o = common::run_moellava(&args);
-        let stderr = String::from_utf8_lossy(&o.stderr).to_string();
-        assert_eq!(o.status.code(), Some(1), "{args:?}: status {:?}, stderr: {stderr}", o.status);
-        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-        assert_eq!(lines.len(), 1, "{args:?}: expected one line, got: {stderr}");
-        assert!(lines[0].starts_with("error: "), "{stderr}");
-        for n in needles {
-            assert!(lines[0].contains(n), "{args:?}: error lacks {n:?}: {stderr}");
-        }
+        common::expect_one_line_error(&args, needles);
         assert!(!out.exists() && !self.root.join("out.gguf.tmp").exists(), "{args:?}: output left behind");
     }
 }

@@ -8,6 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use common::expect_one_line_error as expect_error;
 use common::Ckpt;
 use serde_json::Value;
 
@@ -136,16 +137,6 @@ fn replay_reproduces_the_runs_decisions() {
             }
         }
         assert_eq!(j["expert_cache"]["hit_rate"], sim["hit_rate"]);
-    }
-}
-
-fn expect_error(args: &[&str], needles: &[&str]) {
-    let o = common::run_moellava(args);
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{args:?}: {e}");
-    assert_eq!(e.lines().filter(|l| !l.trim().is_empty()).count(), 1, "{args:?}: {e}");
-    for n in needles {
-        assert!(e.contains(n), "{args:?}: {n:?} not in {e}");
     }
 }
 

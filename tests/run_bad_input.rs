@@ -4,6 +4,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use common::expect_one_line_error as expect_error;
 use common::Ckpt;
 use moellava_runtime::gguf::{GgufFile, GgufWriter, TensorSpec, Value};
 
@@ -12,17 +13,6 @@ fn model(tmp: &Path) -> Option<PathBuf> {
     let out = tmp.join("m.gguf");
     common::convert(&dir, &out, &["--preset", "q8"]);
     Some(out)
-}
-
-fn expect_error(args: &[&str], needles: &[&str]) {
-    let o = common::run_moellava(args);
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{args:?}: {e}");
-    let lines: Vec<&str> = e.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{args:?}: expected one line: {e}");
-    for n in needles {
-        assert!(lines[0].contains(n), "{args:?}: {n:?} not in: {e}");
-    }
 }
 
 /// Copies a GGUF, dropping tensor `skip` and replacing metadata keys.

@@ -21,6 +21,21 @@ pub fn run_moellava(args: &[&str]) -> Output {
     moellava().args(args).output().expect("spawn moellava")
 }
 
+/// Runs `moellava ARGS` and asserts the contract for bad input: exit code 1 and one line on stderr,
+/// `error: …`, containing every `needle`. Returns that line.
+pub fn expect_one_line_error(args: &[&str], needles: &[&str]) -> String {
+    let o = run_moellava(args);
+    let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(1), "{args:?}: status {:?}, stderr: {stderr}", o.status);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    for n in needles {
+        assert!(lines[0].contains(n), "{args:?}: error lacks {n:?}: {stderr}");
+    }
+    lines[0].to_string()
+}
+
 /// The Python interpreter with the project's checks installed (numpy, gguf, safetensors, …):
 /// `$MOELLAVA_PYTHON`, else `.venv/bin/python` at the workspace root. `None` (and a printed reason)
 /// when neither exists — unless `MOELLAVA_REQUIRE_PYTHON=1` (set by `make test`), which makes a missing
