@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use moellava_runtime::backend::Backend;
-use moellava_runtime::model::attention::KvCache;
 use moellava_runtime::model::llm::Trace;
 use moellava_runtime::model::moe::Gating;
 use moellava_runtime::npy;
@@ -95,7 +94,7 @@ fn f32_runtime_matches_the_reference_everywhere() {
             assert_eq!(be.shape(&input.embeds).0, case["n_tokens"].as_u64().unwrap() as usize, "{label}: positions");
 
             // Prefill with every intermediate recorded.
-            let mut cache = KvCache::new(be, &model.config.llm);
+            let mut cache = model.new_kv_cache(0);
             let mut trace = Trace { keep_layers: true, ..Default::default() };
             let logits = model.llm.forward(be, input.embeds.clone(), &mut cache, &mut Gating::Deterministic, &mut trace).unwrap();
             for (i, h) in trace.layer_outputs.iter().enumerate() {
@@ -158,7 +157,7 @@ fn f32_runtime_matches_the_reference_everywhere() {
             if case.get("sampled").is_some() {
                 let noise: HashMap<usize, Vec<f32>> =
                     trace.moe.iter().map(|(l, _, _)| (*l, load(&case_dir, &format!("noise_{l}")))).collect();
-                let mut cache = KvCache::new(be, &model.config.llm);
+                let mut cache = model.new_kv_cache(0);
                 let got =
                     model.llm.forward(be, input.embeds, &mut cache, &mut Gating::Given(noise), &mut Trace::default()).unwrap();
                 note(
@@ -182,7 +181,7 @@ fn quantized_case(model: &Model, case_dir: &Path, n_steps: usize) -> (f64, usize
         .as_str()
         .map(|f| moellava_runtime::image::load(&common::root().join("tests/fixtures/images").join(f)).unwrap());
     let input = model.prepare(case["prompt"].as_str().unwrap(), image.as_ref()).unwrap();
-    let mut cache = KvCache::new(be, &model.config.llm);
+    let mut cache = model.new_kv_cache(0);
     let mut logits = model.llm.forward(be, input.embeds, &mut cache, &mut Gating::Deterministic, &mut Trace::default()).unwrap();
     let r = rel(&logits, &load(case_dir, "logits_f64")[..logits.len()]);
     let want: Vec<u32> = case["greedy"]["f64"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();

@@ -7,7 +7,6 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use moellava_kernels::llama::{LlamaContext, LlamaModel};
-use moellava_runtime::model::attention::KvCache;
 use moellava_runtime::model::llm::Trace;
 use moellava_runtime::model::moe::Gating;
 use moellava_runtime::sysinfo::peak_rss_bytes;
@@ -50,7 +49,7 @@ pub struct BenchArgs {
     /// The GGUF the peer loads (language model only, llama.cpp layout).
     #[arg(long, value_name = "P.gguf")]
     pub peer_model: Option<PathBuf>,
-    /// One JSON object: {model, quant, threads, peer, metrics: [{name, ours, ours_std, peer, peer_std, ratio}],
+    /// One JSON object: {model, quant, threads, kv_cache, peer, metrics: [{name, ours, ours_std, peer, peer_std, ratio}],
     /// expert_cache (counters with --expert-ram, else null)}.
     #[arg(long)]
     pub json: bool,
@@ -78,7 +77,7 @@ fn prompt_ids(n: usize, vocab: usize) -> Vec<u32> {
 fn ours_prefill(m: &Model, ids: &[u32]) -> Result<f64> {
     let be = &m.backend;
     let x = m.llm.embed(be, ids)?;
-    let mut cache = KvCache::new(be, &m.config.llm);
+    let mut cache = m.new_kv_cache(ids.len());
     let t = Instant::now();
     m.forward(x, &mut cache, &mut Gating::Deterministic, &mut Trace::default())?;
     m.end_sequence()?;
@@ -88,7 +87,7 @@ fn ours_prefill(m: &Model, ids: &[u32]) -> Result<f64> {
 /// Decode tok/s, and the experts each MoE layer used per token (for bytes per token).
 fn ours_decode(m: &Model, n: usize) -> Result<(f64, Vec<Vec<[usize; 2]>>)> {
     let be = &m.backend;
-    let mut cache = KvCache::new(be, &m.config.llm);
+    let mut cache = m.new_kv_cache(16 + n);
     let vocab = m.config.llm.n_vocab;
     let mut logits =
         m.forward(m.llm.embed(be, &prompt_ids(16, vocab))?, &mut cache, &mut Gating::Deterministic, &mut Trace::default())?;
@@ -206,7 +205,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             drop(e);
             let t = Instant::now();
             let input = model.prepare(&model.question_prompt("What is in the picture?", true), Some(&image))?;
-            let mut cache = KvCache::new(be, &model.config.llm);
+            let mut cache = model.new_kv_cache(input.embeds.rows());
             model.forward(input.embeds, &mut cache, &mut Gating::Deterministic, &mut Trace::default())?;
             model.end_sequence()?;
             push(&mut ours, "ttft_image_s".into(), t.elapsed().as_secs_f64());
@@ -235,6 +234,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "moe": model.config.moe.is_some(),
         "quant": plan,
         "threads": threads,
+        "kv_cache": model.kv_type,
         "repetitions": a.reps,
         "peer": peer.as_ref().map(|(p, _, _)| json!({"name": "llama.cpp", "model": p, "same_file": *p == a.model.model})),
         "metrics": metrics,

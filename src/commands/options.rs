@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use moellava_runtime::backend::KvType;
 use moellava_runtime::experts::{Budget, FileSource, Policy};
 use moellava_runtime::sampler::SamplingOptions;
 use moellava_runtime::{GatingMode, GenerateOptions, Model};
@@ -16,6 +17,11 @@ pub struct ModelArgs {
     /// Worker threads (default: all cores).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// Element type of the KV cache: f16 (half the memory and half the bytes each decoded token
+    /// reads, as llama.cpp keeps it) or f32. Default: f32 for a file whose attention weights are f32
+    /// (reference precision), f16 otherwise.
+    #[arg(long, value_name = "TYPE")]
+    pub kv_cache: Option<String>,
     #[command(flatten)]
     pub experts: ExpertArgs,
 }
@@ -87,7 +93,12 @@ impl ModelArgs {
             rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting up the thread pool")?;
         }
         let t0 = std::time::Instant::now();
+        let kv_type: Option<KvType> =
+            self.kv_cache.as_deref().map(str::parse).transpose().map_err(|e: String| anyhow::anyhow!("--kv-cache: {e}"))?;
         let mut model = Model::load(&self.model).with_context(|| format!("loading {}", self.model.display()))?;
+        if let Some(t) = kv_type {
+            model.kv_type = t;
+        }
         self.experts.apply(&mut model, &self.model)?;
         Ok((model, t0.elapsed().as_secs_f64()))
     }

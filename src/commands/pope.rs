@@ -56,6 +56,9 @@ pub struct PopeRunArgs {
     /// Worker threads (default: all cores).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// Element type of the KV cache, f16 or f32 (default: f32 for f32 attention weights, else f16).
+    #[arg(long, value_name = "TYPE")]
+    pub kv_cache: Option<String>,
     /// Questions (JSON lines: question_id, image, text, category; required to run).
     #[arg(long, value_name = "Q.jsonl")]
     pub question_file: Option<PathBuf>,
@@ -207,7 +210,10 @@ fn required(r: &PopeRunArgs) -> Result<RunPaths> {
         bail!("pope needs {} (or the score / merge subcommand); see `moellava pope --help`", missing.join(", "));
     }
     Ok(RunPaths {
-        model: ModelArgs { model: r.model.clone().unwrap_or_default(), threads: r.threads, experts: r.experts.clone() },
+        model: ModelArgs { model: r.model.clone().unwrap_or_default(), threads: r.threads,
+            kv_cache: r.kv_cache.clone(),
+            experts: r.experts.clone(),
+        },
         question_file: r.question_file.clone().unwrap_or_default(),
         image_folder: r.image_folder.clone().unwrap_or_default(),
         out: r.out.clone().unwrap_or_default(),
@@ -325,6 +331,7 @@ fn run_benchmark(r: PopeRunArgs) -> Result<()> {
         "annotation_dir": r.annotation_dir,
         "shard": [shard_i, shard_n],
         "gating": r.gen.gating,
+        "kv_cache": model.kv_type,
         "seed": r.gen.seed,
         "temperature": r.gen.temperature,
         "program": format!("moellava {}", env!("CARGO_PKG_VERSION")),

@@ -20,7 +20,7 @@ use moellava_runtime::experts::{trace, Policy};
 ///
 /// Examples:
 ///   moellava run -m m.gguf --image x.png -p "Describe it." --route-trace t.jsonl
-///   moellava replay-route t.jsonl --budget 25%,50%,75% --policy lru,lfu,least-stale
+///   moellava replay-route t.jsonl --budget 25%,50%,75% --policy lru,lfu,least-stale,belady
 ///   moellava replay-route t.jsonl --budget 8 --policy least-stale --prefetch --json
 #[derive(Args)]
 #[command(verbatim_doc_comment)]
@@ -31,8 +31,9 @@ pub struct ReplayRouteArgs {
     /// Cache sizes: a number of experts (slots) or a percentage of all experts; comma-separated.
     #[arg(long, default_value = "25%,50%,75%", value_delimiter = ',', value_name = "N|PERCENT")]
     pub budget: Vec<String>,
-    /// Eviction policies: lru, lfu, least-stale; comma-separated.
-    #[arg(long, default_value = "lru,lfu,least-stale", value_delimiter = ',', value_name = "P")]
+    /// Eviction policies: lru, lfu, least-stale, and belady (the offline optimum: evict the expert
+    /// needed furthest ahead, which only a replay can know; the ceiling for the others); comma-separated.
+    #[arg(long, default_value = "lru,lfu,least-stale,belady", value_delimiter = ',', value_name = "P")]
     pub policy: Vec<String>,
     /// Prefetch the guessed experts of the next MoE layer (as `--prefetch` on a run).
     #[arg(long)]

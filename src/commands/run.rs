@@ -42,8 +42,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "F.npy")]
     pub logits_out: Option<PathBuf>,
     /// Print one JSON object: text, tokens, prompt_tokens, image_tokens, stop_reason, timings, memory,
-    /// routing (per MoE layer, the experts chosen for the last prompt token), expert_cache (counters with
-    /// --expert-ram, else null).
+    /// routing (per MoE layer, the experts chosen for the last prompt token), gating, kv_cache (its
+    /// element type), expert_cache (counters with --expert-ram, else null).
     #[arg(long)]
     pub json: bool,
 }
@@ -88,6 +88,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             },
             "routing": answer.routing,
             "gating": a.gen.gating,
+            "kv_cache": model.kv_type,
             "expert_cache": model.expert_cache_report(),
         });
         println!("{}", serde_json::to_string_pretty(&obj)?);

@@ -1,4 +1,5 @@
-//! Scaled dot-product attention on the CPU, f32.
+//! Scaled dot-product attention on the CPU: f32 queries and arithmetic, keys and values in f32 or f16
+//! (the KV cache's element type, [`KvElem`]; f16 halves the cache and the bytes decode reads).
 //!
 //! Dims: T = query tokens, P = key positions (cache included), H = query heads, Hkv = key/value heads
 //! (heads share KV heads in groups of H / Hkv), D = head_dim.
@@ -12,6 +13,8 @@
 //! - [`attention_per_query`] (decode, few queries): one rayon task per (token, head), scores by
 //!   [`super::ops::dot_f32`], no copies.
 
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use super::gemm::gemm;
@@ -21,6 +24,25 @@ use crate::QuantType;
 
 /// Queries from which the batched (matmul) path pays for its copies and ggml hand-offs.
 pub const BATCHED_MIN_QUERIES: usize = 8;
+
+/// An element type keys and values may be stored in; arithmetic is always f32.
+pub trait KvElem: Copy + Send + Sync + 'static {
+    /// `src` as f32: `src` itself when it already is, else widened into `buf` (same length).
+    fn as_f32<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32];
+}
+
+impl KvElem for f32 {
+    fn as_f32<'a>(src: &'a [f32], _buf: &'a mut [f32]) -> &'a [f32] {
+        src
+    }
+}
+
+impl KvElem for f16 {
+    fn as_f32<'a>(src: &'a [f16], buf: &'a mut [f32]) -> &'a [f32] {
+        src.convert_to_f32_slice(buf);
+        buf
+    }
+}
 
 /// Shape of one attention call (see the module's dimension legend).
 #[derive(Clone, Copy, Debug)]
@@ -60,7 +82,7 @@ impl AttnShape {
 
 /// Attention of `q` over `k`, `v` (see the module's dimension legend); picks the batched path for
 /// [`BATCHED_MIN_QUERIES`] queries or more.
-pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> Vec<f32> {
+pub fn attention<T: KvElem>(q: &[f32], k: &[T], v: &[T], s: AttnShape) -> Vec<f32> {
     if q.len() / (s.n_head * s.head_dim).max(1) >= BATCHED_MIN_QUERIES {
         attention_batched(q, k, v, s)
     } else {
@@ -69,7 +91,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> Vec<f32> {
 }
 
 /// One rayon task per (token, head): scores, softmax, weighted sum of values.
-pub fn attention_per_query(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> Vec<f32> {
+pub fn attention_per_query<T: KvElem>(q: &[f32], k: &[T], v: &[T], s: AttnShape) -> Vec<f32> {
     let hd = s.head_dim;
     let Dims { t, p, qw, kw, group } = s.dims(q.len(), k.len());
     let mut out = vec![0f32; t * qw];
@@ -77,11 +99,13 @@ pub fn attention_per_query(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> Vec
         let (tok, h) = (idx / s.n_head, idx % s.n_head);
         let kvh = h / group;
         let qv = &q[tok * qw + h * hd..tok * qw + (h + 1) * hd];
-        let mut scores: Vec<f32> =
-            (0..s.visible(tok, p)).map(|j| dot_f32(qv, &k[j * kw + kvh * hd..j * kw + (kvh + 1) * hd]) * s.scale).collect();
+        let mut row = vec![0f32; hd]; // one key or value row widened to f32 (unused for f32 caches)
+        let mut scores: Vec<f32> = (0..s.visible(tok, p))
+            .map(|j| dot_f32(qv, T::as_f32(&k[j * kw + kvh * hd..j * kw + (kvh + 1) * hd], &mut row)) * s.scale)
+            .collect();
         softmax(&mut scores);
         for (j, w) in scores.iter().enumerate() {
-            let vv = &v[j * kw + kvh * hd..j * kw + (kvh + 1) * hd];
+            let vv = T::as_f32(&v[j * kw + kvh * hd..j * kw + (kvh + 1) * hd], &mut row);
             o.iter_mut().zip(vv).for_each(|(a, b)| *a += w * b);
         }
     });
@@ -89,7 +113,7 @@ pub fn attention_per_query(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> Vec
 }
 
 /// Per head: `S = Q_h·K_hᵀ`, masked row softmax, `O = S·V_h`, both products through ggml's `mul_mat`.
-pub fn attention_batched(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> Vec<f32> {
+pub fn attention_batched<T: KvElem>(q: &[f32], k: &[T], v: &[T], s: AttnShape) -> Vec<f32> {
     let hd = s.head_dim;
     let Dims { t, p, qw, kw, group } = s.dims(q.len(), k.len());
     let mut out = vec![0f32; t * qw];
@@ -98,11 +122,13 @@ pub fn attention_batched(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> Vec<f
     let mut v_ht = vec![0f32; hd * p]; // [D, P]: V_h transposed, the "weight" of the second product
     let mut scores = vec![0f32; t * p]; // [T, P]
     let mut o_h = vec![0f32; t * hd]; // [T, D]
+    let mut row = vec![0f32; hd]; // one key or value row widened to f32 (unused for f32 caches)
     for kvh in 0..s.n_kv_head {
         for j in 0..p {
-            k_h[j * hd..(j + 1) * hd].copy_from_slice(&k[j * kw + kvh * hd..j * kw + (kvh + 1) * hd]);
-            for d in 0..hd {
-                v_ht[d * p + j] = v[j * kw + kvh * hd + d];
+            k_h[j * hd..(j + 1) * hd].copy_from_slice(T::as_f32(&k[j * kw + kvh * hd..j * kw + (kvh + 1) * hd], &mut row));
+            let vv = T::as_f32(&v[j * kw + kvh * hd..j * kw + (kvh + 1) * hd], &mut row);
+            for (d, x) in vv.iter().enumerate() {
+                v_ht[d * p + j] = *x;
             }
         }
         let k_mat = QMatRef { data: bytes_of(&k_h), qtype: QuantType::F32, n_rows: p, n_cols: hd };
@@ -157,6 +183,30 @@ mod tests {
         }
     }
 
+    /// An f16 cache rounds each key and value to 11 significant bits (relative 2⁻¹¹ ≈ 4.9e-4); the
+    /// softmax-weighted sums of these unit-scale signals stay within a few of those steps.
+    const F16_KV_TOL: f32 = 4e-3;
+
+    #[test]
+    fn f16_keys_and_values_match_the_f32_path_on_their_rounded_values() {
+        for (t, p, h, hkv, d, first) in [(1, 30, 4, 2, 16, 29), (12, 12, 4, 4, 32, 0)] {
+            let (q, k, v) = (signal(t * h * d, 0.37), signal(p * hkv * d, 0.21), signal(p * hkv * d, 0.13));
+            let s = AttnShape { n_head: h, n_kv_head: hkv, head_dim: d, first_pos: first, causal: true, scale: 0.3 };
+            let (k16, v16): (Vec<f16>, Vec<f16>) =
+                (k.iter().map(|x| f16::from_f32(*x)).collect(), v.iter().map(|x| f16::from_f32(*x)).collect());
+            let (k_r, v_r): (Vec<f32>, Vec<f32>) = (k16.iter().map(|x| x.to_f32()).collect(), v16.iter().map(|x| x.to_f32()).collect());
+            // Same rounded values, f32 storage: only summation order may differ.
+            let (a, b) = (attention(&q, &k16, &v16, s), attention(&q, &k_r, &v_r, s));
+            for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                assert!((x - y).abs() <= SAME_MATH_TOL, "T={t}: [{i}] {x} vs {y}");
+            }
+            // Against the unrounded f32 cache: the f16 rounding itself.
+            let exact = attention(&q, &k, &v, s);
+            let worst = a.iter().zip(&exact).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(worst <= F16_KV_TOL && worst > 0.0, "T={t}: f16 cache off by {worst}");
+        }
+    }
+
     #[test]
     fn causal_attention_of_one_key_returns_its_value() {
         let (hd, h) = (4, 2);
@@ -165,5 +215,8 @@ mod tests {
         let v: Vec<f32> = (0..h * hd).map(|i| i as f32).collect();
         let s = AttnShape { n_head: h, n_kv_head: h, head_dim: hd, first_pos: 0, causal: true, scale: 0.5 };
         assert_eq!(attention(&q, &k, &v, s), v);
+        let (k16, v16): (Vec<f16>, Vec<f16>) =
+            (k.iter().map(|x| f16::from_f32(*x)).collect(), v.iter().map(|x| f16::from_f32(*x)).collect());
+        assert_eq!(attention(&q, &k16, &v16, s), v, "small integers are exact in f16");
     }
 }

@@ -1,9 +1,11 @@
 //! The CPU backend: activations are host `Vec<f32>`; matmuls run ggml's `vec_dot` over the mapped
 //! weights in their own types, threaded with rayon (the global pool: `--threads`).
 
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use moellava_kernels::cpu::{self, ops, Activation};
 
-use super::{AttnShape, Backend};
+use super::{AttnShape, Backend, KvType};
 use crate::error::Result;
 use crate::model::weights::Weight;
 
@@ -20,11 +22,19 @@ impl HostMat {
     }
 }
 
+/// Cached keys or values `[P, cols]` on the host, in the cache's element type.
+#[derive(Clone, Debug, PartialEq)]
+pub enum KvRows {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
+
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuBackend;
 
 impl Backend for CpuBackend {
     type Act = HostMat;
+    type Kv = KvRows;
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -86,6 +96,15 @@ impl Backend for CpuBackend {
         HostMat { data: cpu::attention::attention(&q.data, &k.data, &v.data, shape), cols: shape.n_head * shape.head_dim }
     }
 
+    fn attention_cached(&self, q: &HostMat, k: &KvRows, v: &KvRows, shape: AttnShape) -> HostMat {
+        let data = match (k, v) {
+            (KvRows::F32(k), KvRows::F32(v)) => cpu::attention::attention(&q.data, k, v, shape),
+            (KvRows::F16(k), KvRows::F16(v)) => cpu::attention::attention(&q.data, k, v, shape),
+            _ => unreachable!("a layer's K and V are created together, in one type"),
+        };
+        HostMat { data, cols: shape.n_head * shape.head_dim }
+    }
+
     fn split_cols(&self, x: &HostMat, widths: &[usize]) -> Vec<HostMat> {
         let mut parts: Vec<HostMat> =
             widths.iter().map(|w| HostMat { data: Vec::with_capacity(x.rows() * w), cols: *w }).collect();
@@ -120,13 +139,22 @@ impl Backend for CpuBackend {
         HostMat { data: parts.iter().flat_map(|p| p.data.iter().copied()).collect(), cols }
     }
 
-    fn append_rows(&self, dst: &mut HostMat, src: &HostMat) {
-        dst.cols = src.cols;
-        dst.data.extend_from_slice(&src.data);
+    fn kv_with_capacity(&self, cols: usize, ty: KvType, rows: usize) -> KvRows {
+        match ty {
+            KvType::F32 => KvRows::F32(Vec::with_capacity(rows * cols)),
+            KvType::F16 => KvRows::F16(Vec::with_capacity(rows * cols)),
+        }
     }
 
-    fn reserve_rows(&self, dst: &mut HostMat, rows: usize) {
-        dst.data.reserve_exact(rows * dst.cols);
+    fn kv_append(&self, dst: &mut KvRows, src: &HostMat) {
+        match dst {
+            KvRows::F32(d) => d.extend_from_slice(&src.data),
+            KvRows::F16(d) => {
+                let at = d.len();
+                d.resize(at + src.data.len(), f16::ZERO);
+                d[at..].convert_from_f32_slice(&src.data);
+            }
+        }
     }
 
     fn zeros(&self, rows: usize, cols: usize) -> HostMat {

@@ -8,14 +8,67 @@ pub mod cpu;
 
 pub use moellava_kernels::cpu::attention::AttnShape;
 pub use moellava_kernels::cpu::Activation;
+use moellava_kernels::QuantType;
 
 use crate::error::Result;
 use crate::model::weights::Weight;
+
+/// The element type of the KV cache (`--kv-cache`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KvType {
+    F32,
+    /// Half the memory and half the bytes decode reads; each key and value rounded to f16 (as llama.cpp does).
+    F16,
+}
+
+impl KvType {
+    pub const NAMES: &'static str = "f16, f32";
+
+    /// f32 for a language model whose attention weights are f32 (a reference-precision file, where the
+    /// cache must not be the coarsest step), f16 for everything else.
+    pub fn for_weights(attn_qkv: QuantType) -> KvType {
+        if attn_qkv == QuantType::F32 {
+            KvType::F32
+        } else {
+            KvType::F16
+        }
+    }
+
+    pub fn bytes_per_value(self) -> usize {
+        match self {
+            KvType::F32 => 4,
+            KvType::F16 => 2,
+        }
+    }
+}
+
+impl std::str::FromStr for KvType {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<KvType, String> {
+        match s {
+            "f32" => Ok(KvType::F32),
+            "f16" => Ok(KvType::F16),
+            _ => Err(format!("unknown KV cache type `{s}` (expected one of: {})", KvType::NAMES)),
+        }
+    }
+}
+
+impl std::fmt::Display for KvType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KvType::F32 => "f32",
+            KvType::F16 => "f16",
+        })
+    }
+}
 
 #[allow(clippy::wrong_self_convention)] // `from_host` is a conversion *through* the backend
 pub trait Backend: Send + Sync {
     /// An activation matrix `[rows, cols]` of f32.
     type Act: Send + Sync + Clone;
+    /// Rows of keys or values kept across calls (one layer's K or V of the KV cache), `[P, cols]`.
+    type Kv: Send + Sync;
 
     fn name(&self) -> &'static str;
     fn from_host(&self, data: Vec<f32>, cols: usize) -> Self::Act;
@@ -41,6 +94,8 @@ pub trait Backend: Send + Sync {
     /// Softmax attention of q `[T, n_head·hd]` over k, v `[P, n_kv_head·hd]`; query t is at position
     /// `first_pos + t` and, when causal, sees keys up to its own position (`shape` holds the sizes).
     fn attention(&self, q: &Self::Act, k: &Self::Act, v: &Self::Act, shape: AttnShape) -> Self::Act;
+    /// [`Backend::attention`] over cached keys and values.
+    fn attention_cached(&self, q: &Self::Act, k: &Self::Kv, v: &Self::Kv, shape: AttnShape) -> Self::Act;
 
     /// Column blocks of the given widths (a fused QKV projection → q, k, v).
     fn split_cols(&self, x: &Self::Act, widths: &[usize]) -> Vec<Self::Act>;
@@ -50,10 +105,10 @@ pub trait Backend: Send + Sync {
     fn scatter_add_rows(&self, dst: &mut Self::Act, src: &Self::Act, rows: &[usize], weights: &[f32]);
     /// Rows of `parts` one after another.
     fn concat_rows(&self, parts: &[&Self::Act]) -> Self::Act;
-    /// Appends the rows of `src` to `dst` (the KV cache).
-    fn append_rows(&self, dst: &mut Self::Act, src: &Self::Act);
-    /// Room for `rows` more rows in `dst` without moving it (a hint; the KV cache of a known length).
-    fn reserve_rows(&self, _dst: &mut Self::Act, _rows: usize) {}
+    /// Empty cached rows of width `cols` in `ty`, with room for `rows` rows allocated up front.
+    fn kv_with_capacity(&self, cols: usize, ty: KvType, rows: usize) -> Self::Kv;
+    /// Appends the rows of `src` to `dst`, converted to the cache's type.
+    fn kv_append(&self, dst: &mut Self::Kv, src: &Self::Act);
     /// A matrix of zeros.
     fn zeros(&self, rows: usize, cols: usize) -> Self::Act;
 }

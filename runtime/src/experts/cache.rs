@@ -123,6 +123,11 @@ impl ExpertCache {
         if opts.slots == 0 {
             return Err(RuntimeError::Unsupported("the expert cache needs at least one slot".into()));
         }
+        if opts.policy == Policy::Belady {
+            return Err(RuntimeError::Unsupported(
+                "--expert-policy belady needs the future requests, which only a trace has: use it with `moellava replay-route`; a run takes lru, lfu or least-stale".into(),
+            ));
+        }
         let (tx, rx) = mpsc::channel::<Job>();
         let loader_store = store.clone();
         let loader = std::thread::Builder::new()

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use super::table::{chunk_len, Counters, Fill, Placement, Policy, SlotTable};
+use super::table::{chunk_len, Counters, Fill, Future, Placement, Policy, SlotTable};
 use super::trace::{RouteLine, TraceHeader};
 
 #[derive(Clone, Copy, Debug)]
@@ -86,7 +86,13 @@ impl Timeline {
 
 /// Replays `routes` (one trace) with `o`.
 pub fn replay(header: &TraceHeader, routes: &[RouteLine], o: &ReplayOptions) -> ReplayReport {
-    let mut table = SlotTable::new(o.slots, o.policy, header.expert_bytes);
+    let mut table = match o.policy {
+        Policy::Belady => {
+            let needed: Vec<(usize, Vec<usize>)> = routes.iter().map(|r| (r.layer, r.needed())).collect();
+            SlotTable::with_future(o.slots, header.expert_bytes, Future::new(needed.iter().map(|(l, n)| (*l, &n[..]))))
+        }
+        _ => SlotTable::new(o.slots, o.policy, header.expert_bytes),
+    };
     let compute_s = header.expert_bytes as f64 / o.bw_compute.max(1.0);
     let mut tl = Timeline {
         now: 0.0,

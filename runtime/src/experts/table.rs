@@ -38,9 +38,14 @@ pub enum Policy {
     /// Most recently used first: the experts of the layers this token has just completed are needed
     /// again only after every other layer has run, so they are the furthest from their next use.
     LeastStale,
+    /// Belady's MIN: evict the expert whose next request is furthest in the future. It needs the whole
+    /// trace ahead of time, so only the simulator has it (`replay-route`): the ceiling that no online
+    /// policy reaches on that trace, the yardstick for the others.
+    Belady,
 }
 
 impl Policy {
+    /// The policies a running model can use.
     pub const ALL: [Policy; 3] = [Policy::Lru, Policy::Lfu, Policy::LeastStale];
 
     pub fn name(self) -> &'static str {
@@ -48,6 +53,7 @@ impl Policy {
             Policy::Lru => "lru",
             Policy::Lfu => "lfu",
             Policy::LeastStale => "least-stale",
+            Policy::Belady => "belady",
         }
     }
 }
@@ -63,8 +69,9 @@ impl FromStr for Policy {
     fn from_str(s: &str) -> Result<Policy, String> {
         Policy::ALL
             .into_iter()
+            .chain([Policy::Belady])
             .find(|p| p.name() == s)
-            .ok_or_else(|| format!("unknown expert policy '{s}'; expected lru, lfu or least-stale"))
+            .ok_or_else(|| format!("unknown expert policy '{s}'; expected lru, lfu, least-stale (or belady, in replay-route)"))
     }
 }
 
@@ -152,6 +159,39 @@ struct Slot {
     pending_prefetch: bool,
 }
 
+/// What [`Policy::Belady`] knows: the steps (calls of `begin_layer`, numbered from 0) at which each
+/// expert is requested, and where the table is now.
+#[derive(Clone, Debug, Default)]
+pub struct Future {
+    steps: HashMap<Key, Vec<u64>>,
+    /// The step under way (`u64::MAX` before the first) and its experts not yet pinned.
+    now: u64,
+    now_layer: usize,
+    now_pending: Vec<usize>,
+}
+
+impl Future {
+    /// `requests[i]` = (layer, experts) of step i, in the order `begin_layer` will be called.
+    pub fn new<'a>(requests: impl IntoIterator<Item = (usize, &'a [usize])>) -> Future {
+        let mut steps: HashMap<Key, Vec<u64>> = HashMap::new();
+        for (i, (layer, experts)) in requests.into_iter().enumerate() {
+            for &e in experts {
+                steps.entry((layer, e)).or_default().push(i as u64);
+            }
+        }
+        Future { steps, now: u64::MAX, now_layer: 0, now_pending: Vec::new() }
+    }
+
+    /// The step at which `key` is next requested (`u64::MAX`: never again).
+    fn next_use(&self, key: Key) -> u64 {
+        if key.0 == self.now_layer && self.now_pending.contains(&key.1) {
+            return self.now;
+        }
+        let after = self.now.wrapping_add(1);
+        self.steps.get(&key).and_then(|s| s.get(s.partition_point(|&x| x < after)).copied()).unwrap_or(u64::MAX)
+    }
+}
+
 /// Slots, their keys and pins, the policy and the counters.
 #[derive(Clone, Debug)]
 pub struct SlotTable {
@@ -162,6 +202,7 @@ pub struct SlotTable {
     clock: u64,
     expert_bytes: u64,
     counters: BTreeMap<usize, Counters>,
+    future: Future,
 }
 
 impl SlotTable {
@@ -174,7 +215,13 @@ impl SlotTable {
             clock: 0,
             expert_bytes,
             counters: BTreeMap::new(),
+            future: Future::default(),
         }
+    }
+
+    /// A table for [`Policy::Belady`], which must know every step's requests in advance.
+    pub fn with_future(n_slots: usize, expert_bytes: u64, future: Future) -> SlotTable {
+        SlotTable { future, ..SlotTable::new(n_slots, Policy::Belady, expert_bytes) }
     }
 
     /// Counters per MoE layer.
@@ -209,6 +256,10 @@ impl SlotTable {
 
     /// Layer `layer` is about to request `needed`: its pending prefetches that are not needed are wasted.
     pub fn begin_layer(&mut self, layer: usize, needed: &[usize]) {
+        if self.policy == Policy::Belady {
+            let f = &mut self.future;
+            (f.now, f.now_layer, f.now_pending) = (f.now.wrapping_add(1), layer, needed.to_vec());
+        }
         let mut wasted = 0;
         for s in self.slots.iter_mut().filter(|s| s.pending_prefetch && s.key.is_some_and(|k| k.0 == layer)) {
             if !s.key.is_some_and(|k| needed.contains(&k.1)) {
@@ -272,6 +323,9 @@ impl SlotTable {
         }
         for &e in ids {
             *self.freq.entry((layer, e)).or_default() += 1;
+        }
+        if self.policy == Policy::Belady && layer == self.future.now_layer {
+            self.future.now_pending.retain(|e| !ids.contains(e));
         }
         Some(out)
     }
@@ -346,6 +400,9 @@ impl SlotTable {
             Policy::Lru => settled.min_by_key(|&i| (last(i), i)),
             Policy::Lfu => settled.min_by_key(|&i| (freq(i), last(i), i)),
             Policy::LeastStale => settled.min_by_key(|&i| (u64::MAX - last(i), freq(i), i)),
+            Policy::Belady => {
+                settled.min_by_key(|&i| (u64::MAX - self.slots[i].key.map_or(u64::MAX, |k| self.future.next_use(k)), i))
+            }
         };
         chosen.or_else(|| all.filter(free).min_by_key(|&i| (last(i), i)))
     }
@@ -371,6 +428,25 @@ mod tests {
             let p = t.ensure(2, &[3]).unwrap();
             assert_eq!(p[0].fill, Fill::Load { evicted: Some(evicted) }, "{policy}");
         }
+    }
+
+    #[test]
+    fn belady_keeps_what_comes_back_soonest_where_lru_thrashes() {
+        // One layer cycling through experts 0, 1, 2 with 2 slots: LRU always evicts the next one needed.
+        let steps: Vec<[usize; 1]> = (0..12).map(|i| [i % 3]).collect();
+        let run = |mut t: SlotTable| {
+            for s in &steps {
+                t.begin_layer(0, s);
+                let p = t.ensure(0, s).unwrap();
+                t.unpin(&[p[0].slot]);
+            }
+            t.total()
+        };
+        assert_eq!(run(SlotTable::new(2, Policy::Lru, 1)).hits, 0);
+        let future = Future::new(steps.iter().map(|s| (0, &s[..])));
+        let b = run(SlotTable::with_future(2, 1, future));
+        // MIN on a 3-cycle with 2 slots: 2 cold misses, then every other request hits.
+        assert_eq!((b.hits, b.misses), (5, 7));
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! 1/√head_dim; grouped KV heads when n_head_kv < n_head; output projection (+ bias for Phi).
 //! Dims: T = new tokens, P = cached + new positions, D = n_embd, kv = n_head_kv·head_dim.
 
-use crate::backend::{AttnShape, Backend};
+use crate::backend::{AttnShape, Backend, KvType};
+use moellava_kernels::QuantType;
 use crate::error::Result;
 use crate::gguf::keys::tensors as tn;
 use crate::model::config::LlmConfig;
@@ -12,25 +13,19 @@ use crate::model::weights::{Weight, WeightStore};
 
 /// Keys and values of every position seen so far, one pair per layer.
 pub struct KvCache<B: Backend> {
-    pub layers: Vec<(B::Act, B::Act)>,
+    /// Per layer, K and V `[P, n_head_kv·head_dim]`.
+    pub layers: Vec<(B::Kv, B::Kv)>,
     pub len: usize,
 }
 
 impl<B: Backend> KvCache<B> {
-    pub fn new(be: &B, c: &LlmConfig) -> KvCache<B> {
+    /// A cache of `ty` with room for `positions` positions allocated up front: growing it token by
+    /// token would reallocate (and, in the heap, fragment) every layer's K and V several times. More
+    /// positions than that still fit (the rows grow).
+    pub fn with_capacity(be: &B, c: &LlmConfig, ty: KvType, positions: usize) -> KvCache<B> {
         let kv = c.n_head_kv * c.head_dim;
-        KvCache { layers: (0..c.n_layer).map(|_| (be.zeros(0, kv), be.zeros(0, kv))).collect(), len: 0 }
-    }
-
-    /// A cache with room for `positions` positions allocated up front: growing it token by token
-    /// would reallocate (and, in the heap, fragment) every layer's K and V several times.
-    pub fn with_capacity(be: &B, c: &LlmConfig, positions: usize) -> KvCache<B> {
-        let mut cache = KvCache::new(be, c);
-        for (k, v) in &mut cache.layers {
-            be.reserve_rows(k, positions);
-            be.reserve_rows(v, positions);
-        }
-        cache
+        let rows = || be.kv_with_capacity(kv, ty, positions);
+        KvCache { layers: (0..c.n_layer).map(|_| (rows(), rows())).collect(), len: 0 }
     }
 }
 
@@ -63,8 +58,13 @@ impl Attention {
         })
     }
 
+    /// The type of the fused QKV weight (what the KV cache's default type follows).
+    pub fn qkv_type(&self) -> QuantType {
+        self.qkv.qtype
+    }
+
     /// `h [T, D]` at positions `first_pos..first_pos+T` → `[T, D]`; appends this call's K and V to `cache`.
-    pub fn forward<B: Backend>(&self, be: &B, h: &B::Act, cache: &mut (B::Act, B::Act), first_pos: usize) -> Result<B::Act> {
+    pub fn forward<B: Backend>(&self, be: &B, h: &B::Act, cache: &mut (B::Kv, B::Kv), first_pos: usize) -> Result<B::Act> {
         let (t, d) = be.shape(h);
         let kv = self.n_head_kv * self.head_dim;
         let mut qkv = be.matmul(h, &self.qkv)?; // [T, D + 2kv]
@@ -78,8 +78,8 @@ impl Attention {
         let positions: Vec<usize> = (first_pos..first_pos + t).collect();
         be.rope(&mut q, self.n_head, self.head_dim, self.rope_dims, &positions, self.rope_base);
         be.rope(&mut k, self.n_head_kv, self.head_dim, self.rope_dims, &positions, self.rope_base);
-        be.append_rows(&mut cache.0, &k);
-        be.append_rows(&mut cache.1, &v);
+        be.kv_append(&mut cache.0, &k);
+        be.kv_append(&mut cache.1, &v);
         let shape = AttnShape {
             n_head: self.n_head,
             n_kv_head: self.n_head_kv,
@@ -88,7 +88,7 @@ impl Attention {
             causal: true,
             scale: 1.0 / (self.head_dim as f32).sqrt(),
         };
-        let a = be.attention(&q, &cache.0, &cache.1, shape); // [T, D]
+        let a = be.attention_cached(&q, &cache.0, &cache.1, shape); // [T, D]
         let mut y = be.matmul(&a, &self.out)?;
         if let Some(b) = &self.out_b {
             be.add_bias(&mut y, b);

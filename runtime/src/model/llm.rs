@@ -5,7 +5,7 @@
 //! Logits are computed for the last position only, over the len(tokenizer) rows the head keeps.
 //! Dims: T = tokens of this call, D = n_embd, V = n_vocab.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, KvType};
 use crate::error::Result;
 use crate::experts::ExpertCache;
 use crate::gguf::keys::tensors as tn;
@@ -107,6 +107,11 @@ impl Llm {
                 .collect(),
             record_guesses: false,
         })
+    }
+
+    /// The KV cache type this model runs with unless told otherwise ([`KvType::for_weights`]).
+    pub fn default_kv_type(&self) -> KvType {
+        self.layers.first().map_or(KvType::F16, |l| KvType::for_weights(l.attn.qkv_type()))
     }
 
     /// The MoE layers, in order.

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::Backend;
+use crate::backend::{Backend, KvType};
 use crate::error::{Result, RuntimeError};
 use crate::experts::trace::{TraceHeader, TraceWriter};
 use crate::experts::{Budget, CacheOptions, CacheReport, ExpertCache, ExpertSource, ExpertStore, Policy};
@@ -107,6 +107,8 @@ pub struct Model<B: Backend = CpuBackend> {
     pub vision: Option<VisionTower>,
     pub backend: B,
     pub file: Arc<GgufFile>,
+    /// The KV cache's element type (`--kv-cache`; by default [`Llm::default_kv_type`]).
+    pub kv_type: KvType,
     route_trace: Option<Mutex<TraceWriter>>,
 }
 
@@ -142,7 +144,8 @@ impl<B: Backend> Model<B> {
             Some(v) => Some(VisionTower::load(v, &ws, config.llm.n_embd)?),
             None => None,
         };
-        Ok(Model { config, tokenizer, llm, vision, backend, file, route_trace: None })
+        let kv_type = llm.default_kv_type();
+        Ok(Model { config, tokenizer, llm, vision, backend, file, kv_type, route_trace: None })
     }
 
     /// Per MoE layer, per expert, its matrices as mapped views (empty for a dense model).
@@ -206,6 +209,11 @@ impl<B: Backend> Model<B> {
         self.route_trace = Some(Mutex::new(TraceWriter::create(path, &header)?));
         self.llm.record_guesses = true;
         Ok(())
+    }
+
+    /// An empty KV cache of [`Model::kv_type`] with room for `positions` positions up front.
+    pub fn new_kv_cache(&self, positions: usize) -> KvCache<B> {
+        KvCache::with_capacity(&self.backend, &self.config.llm, self.kv_type, positions)
     }
 
     /// One forward call of the language model (see [`Llm::forward`]), recorded in the route trace.
@@ -310,7 +318,7 @@ impl<B: Backend> Model<B> {
                 o.max_new_tokens, self.config.llm.context_length
             )));
         }
-        let mut cache = KvCache::with_capacity(be, &self.config.llm, prompt_tokens + o.max_new_tokens);
+        let mut cache = self.new_kv_cache(prompt_tokens + o.max_new_tokens);
         let t0 = Instant::now();
         let mut trace = Trace::default();
         let mut logits = self.forward(input.embeds, &mut cache, &mut gating, &mut trace)?;
