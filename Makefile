@@ -12,7 +12,7 @@ CARGO_TEST_FLAGS ?=
 
 export MOELLAVA_PYTHON := $(PY)
 
-.PHONY: setup test demo golden-check fuzz-check fixtures clean-build
+.PHONY: setup test demo golden-check fuzz-check python-test fixtures clean-build
 
 setup: $(BUILD)/.apt-ok $(VENV)/.requirements-ok
 
@@ -32,8 +32,21 @@ $(VENV)/.requirements-ok: tools/requirements.txt
 	@touch $@
 
 test: setup
-	MOELLAVA_REQUIRE_PYTHON=1 cargo test --workspace $(CARGO_TEST_FLAGS)
-	$(MAKE) --no-print-directory golden-check fuzz-check
+	MOELLAVA_REQUIRE_PYTHON=1 cargo test --workspace --exclude moellava-python $(CARGO_TEST_FLAGS)
+	$(MAKE) --no-print-directory golden-check fuzz-check python-test
+
+# The Python package: a wheel built by maturin (dev profile: the tests use tiny models), installed into
+# the venv and tested against the CLI; then installed into a fresh venv to prove the wheel stands alone.
+WHEELS := $(BUILD)/wheels
+python-test: setup
+	cargo build --quiet --bin moellava
+	@rm -rf $(WHEELS) $(BUILD)/fresh-venv
+	$(VENV)/bin/maturin build --quiet --manifest-path python/Cargo.toml --profile dev --compatibility linux --out $(WHEELS)
+	$(PY) -m pip install -q --disable-pip-version-check --force-reinstall --no-deps $(WHEELS)/moellava-*.whl
+	cd python/tests && MOELLAVA_BIN=$(abspath target/debug/moellava) $(PY) -m pytest -q -p no:cacheprovider .
+	python3 -m venv $(BUILD)/fresh-venv
+	$(BUILD)/fresh-venv/bin/pip install -q --disable-pip-version-check $(WHEELS)/moellava-*.whl
+	cd /tmp && $(abspath $(BUILD))/fresh-venv/bin/python -c 'import moellava; print("fresh venv: moellava", moellava.__version__, "imports")'
 
 # The quant golden files must be exactly what the pinned gguf-py writes today.
 golden-check: setup

@@ -155,6 +155,7 @@ impl GenArgs {
             },
             ignore_eos: self.ignore_eos,
             gating,
+            cancel: None,
         })
     }
 }

@@ -210,7 +210,9 @@ fn required(r: &PopeRunArgs) -> Result<RunPaths> {
         bail!("pope needs {} (or the score / merge subcommand); see `moellava pope --help`", missing.join(", "));
     }
     Ok(RunPaths {
-        model: ModelArgs { model: r.model.clone().unwrap_or_default(), threads: r.threads,
+        model: ModelArgs {
+            model: r.model.clone().unwrap_or_default(),
+            threads: r.threads,
             kv_cache: r.kv_cache.clone(),
             experts: r.experts.clone(),
         },

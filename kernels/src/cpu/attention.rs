@@ -194,7 +194,8 @@ mod tests {
             let s = AttnShape { n_head: h, n_kv_head: hkv, head_dim: d, first_pos: first, causal: true, scale: 0.3 };
             let (k16, v16): (Vec<f16>, Vec<f16>) =
                 (k.iter().map(|x| f16::from_f32(*x)).collect(), v.iter().map(|x| f16::from_f32(*x)).collect());
-            let (k_r, v_r): (Vec<f32>, Vec<f32>) = (k16.iter().map(|x| x.to_f32()).collect(), v16.iter().map(|x| x.to_f32()).collect());
+            let (k_r, v_r): (Vec<f32>, Vec<f32>) =
+                (k16.iter().map(|x| x.to_f32()).collect(), v16.iter().map(|x| x.to_f32()).collect());
             // Same rounded values, f32 storage: only summation order may differ.
             let (a, b) = (attention(&q, &k16, &v16, s), attention(&q, &k_r, &v_r, s));
             for (i, (x, y)) in a.iter().zip(&b).enumerate() {

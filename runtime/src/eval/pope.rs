@@ -9,6 +9,7 @@
 //! - for each annotation file, the answers whose question has that category, in result-file order, are
 //!   zipped **positionally** with the file's labels (question ids are not matched);
 //! - positive = "yes"; precision TP/(TP+FP), recall TP/(TP+FN), F1, accuracy, yes-ratio.
+//!
 //! Where the official script would divide by zero (and crash), the value is `null` with a warning.
 
 use std::collections::{BTreeMap, HashMap};

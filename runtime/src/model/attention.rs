@@ -5,11 +5,11 @@
 //! Dims: T = new tokens, P = cached + new positions, D = n_embd, kv = n_head_kv·head_dim.
 
 use crate::backend::{AttnShape, Backend, KvType};
-use moellava_kernels::QuantType;
 use crate::error::Result;
 use crate::gguf::keys::tensors as tn;
 use crate::model::config::LlmConfig;
 use crate::model::weights::{Weight, WeightStore};
+use moellava_kernels::QuantType;
 
 /// Keys and values of every position seen so far, one pair per layer.
 pub struct KvCache<B: Backend> {

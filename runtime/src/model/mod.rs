@@ -10,6 +10,7 @@ pub mod vision;
 pub mod weights;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -47,6 +48,9 @@ pub struct GenerateOptions {
     pub sampling: SamplingOptions,
     pub ignore_eos: bool,
     pub gating: GatingMode,
+    /// Set from another thread to stop the generation at the next token with [`RuntimeError::Cancelled`]
+    /// (Ctrl-C in the Python package).
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl Default for GenerateOptions {
@@ -56,6 +60,7 @@ impl Default for GenerateOptions {
             sampling: SamplingOptions::default(),
             ignore_eos: false,
             gating: GatingMode::Deterministic,
+            cancel: None,
         }
     }
 }
@@ -338,7 +343,12 @@ impl<B: Backend> Model<B> {
         let mut stop = StopReason::MaxNewTokens;
         let sep2 = self.config.chat.sep2.clone();
         let t1 = Instant::now();
+        let cancelled = || o.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed));
         while tokens.len() < o.max_new_tokens {
+            if cancelled() {
+                self.end_sequence()?;
+                return Err(RuntimeError::Cancelled);
+            }
             let next = sampler::sample(&logits, &tokens, &o.sampling, &mut rng);
             if next == self.tokenizer.eos && !o.ignore_eos {
                 stop = StopReason::Eos;
