@@ -181,19 +181,23 @@ class Model:
         """Answers `question` about `image` (None: text only). temperature 0 is greedy decoding, what
         MoE-LLaVA's evaluation uses; above 0 it samples, reproducibly for a given seed. The options
         are `moellava run`'s: ignore_eos keeps generating past the end-of-text token."""
-        s = self._native.ask_json(
+        s = self.stream(
+            image,
             question,
-            raw_prompt=raw_prompt,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,
             top_k=top_k,
             repetition_penalty=repetition_penalty,
             seed=seed,
+            raw_prompt=raw_prompt,
             ignore_eos=ignore_eos,
-            **_image_args(image),
         )
-        return Answer._from_json(s)
+        for _ in s:
+            pass
+        answer = s.answer
+        assert answer is not None, "an exhausted stream holds its answer"
+        return answer
 
     def stream(
         self,

@@ -26,21 +26,6 @@ class NativeModel:
         prefetch: bool = False,
     ) -> None: ...
     def info_json(self) -> str: ...
-    def ask_json(
-        self,
-        prompt: str,
-        image_path: Optional[str] = None,
-        image_bytes: Optional[bytes] = None,
-        image_rgb: Optional[Tuple[int, int, bytes]] = None,
-        raw_prompt: bool = False,
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        repetition_penalty: float = 1.0,
-        seed: int = 0,
-        ignore_eos: bool = False,
-    ) -> str: ...
     def stream(
         self,
         prompt: str,

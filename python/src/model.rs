@@ -209,41 +209,8 @@ impl NativeModel {
         .to_string()
     }
 
-    /// One whole answer, as the JSON of the runtime's `Answer`.
-    #[pyo3(signature = (prompt, image_path=None, image_bytes=None, image_rgb=None, raw_prompt=false,
-                        max_new_tokens=128, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=0,
-                        ignore_eos=false))]
-    #[allow(clippy::too_many_arguments)]
-    fn ask_json(
-        &self,
-        py: Python<'_>,
-        prompt: String,
-        image_path: Option<PathBuf>,
-        image_bytes: Option<Vec<u8>>,
-        image_rgb: Option<(usize, usize, Vec<u8>)>,
-        raw_prompt: bool,
-        max_new_tokens: usize,
-        temperature: f32,
-        top_p: f32,
-        top_k: usize,
-        repetition_penalty: f32,
-        seed: u64,
-        ignore_eos: bool,
-    ) -> PyResult<String> {
-        let cancel = Arc::new(AtomicBool::new(false));
-        let opts = options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, ignore_eos, &cancel)?;
-        let image = py.allow_threads(|| decode_image(image_path, image_bytes, image_rgb)).map_err(runtime_error)?;
-        let mut rx = Some(spawn_answer(self.shared.clone(), image, prompt, raw_prompt, opts, false)?);
-        loop {
-            match next_event(py, &mut rx, &cancel)? {
-                Some(Event::Piece(_)) => {}
-                Some(Event::Done(r)) => return r.map(|a| answer_json(&a)).map_err(runtime_error),
-                None => return Err(PyRuntimeError::new_err("the generation thread ended without an answer")),
-            }
-        }
-    }
-
-    /// The same answer as `ask_json`, as an iterator of text pieces.
+    /// An answer as an iterator of text pieces; the whole answer follows in `answer_json` (the Python
+    /// side's `ask` drains a stream).
     #[pyo3(signature = (prompt, image_path=None, image_bytes=None, image_rgb=None, raw_prompt=false,
                         max_new_tokens=128, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=0,
                         ignore_eos=false))]
