@@ -9,6 +9,8 @@ PY    := $(abspath $(VENV))/bin/python
 BUILD := build
 SUDO  := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CARGO_TEST_FLAGS ?=
+# The Python extension is built by maturin, not by `cargo test` (a test binary cannot link it).
+CARGO_TEST := cargo test --workspace --exclude moellava-python $(CARGO_TEST_FLAGS)
 
 export MOELLAVA_PYTHON := $(PY)
 
@@ -32,14 +34,16 @@ $(VENV)/.requirements-ok: tools/requirements.txt
 	@touch $@
 
 test: setup
-	MOELLAVA_REQUIRE_PYTHON=1 cargo test --workspace --exclude moellava-python $(CARGO_TEST_FLAGS)
+	MOELLAVA_REQUIRE_PYTHON=1 $(CARGO_TEST)
 	$(MAKE) --no-print-directory golden-check fuzz-check python-test
 
 # The Python package: a wheel built by maturin (dev profile: the tests use tiny models), installed into
 # the venv and tested against the CLI; then installed into a fresh venv to prove the wheel stands alone.
 WHEELS := $(BUILD)/wheels
 python-test: setup
-	cargo build --quiet --bin moellava
+	@# The CLI the tests compare with, built as `cargo test` builds it (a plain `cargo build` unifies
+	@# features differently and would recompile dependencies).
+	$(CARGO_TEST) --no-run --quiet
 	@rm -rf $(WHEELS) $(BUILD)/fresh-venv
 	$(VENV)/bin/maturin build --quiet --manifest-path python/Cargo.toml --profile dev --compatibility linux --out $(WHEELS)
 	$(PY) -m pip install -q --disable-pip-version-check --force-reinstall --no-deps $(WHEELS)/moellava-*.whl

@@ -79,6 +79,20 @@ fn attention(c: &mut Criterion) {
     g.bench_function("batched_prefill_512_phi2", |b| b.iter(|| attn::attention_batched(black_box(&q), &k, &v, s)));
     g.bench_function("per_query_prefill_512_phi2", |b| b.iter(|| attn::attention_per_query(black_box(&q), &k, &v, s)));
     g.finish();
+
+    // Decode: one query over a 784-position cache (the 768-position image prompt + 16 tokens), one
+    // layer; the throughput is the cache bytes read, f32 and f16 keys/values.
+    let mut g = c.benchmark_group("attention_decode");
+    let p = 784;
+    let (q1, k, v) = (signal(w, 0.13), signal(p * w, 0.17), signal(p * w, 0.19));
+    let (k16, v16): (Vec<half::f16>, Vec<half::f16>) =
+        (k.iter().map(|x| half::f16::from_f32(*x)).collect(), v.iter().map(|x| half::f16::from_f32(*x)).collect());
+    let s = attn::AttnShape { first_pos: p - 1, ..s };
+    g.throughput(Throughput::Bytes((2 * p * w * 4) as u64));
+    g.bench_function("per_query_784_phi2_f32", |b| b.iter(|| attn::attention_per_query(black_box(&q1), &k, &v, s)));
+    g.throughput(Throughput::Bytes((2 * p * w * 2) as u64));
+    g.bench_function("per_query_784_phi2_f16", |b| b.iter(|| attn::attention_per_query(black_box(&q1), &k16, &v16, s)));
+    g.finish();
 }
 
 /// The memory-bandwidth probe `moellava bench` uses: a 512 MiB buffer read by all threads.

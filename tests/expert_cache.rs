@@ -55,7 +55,9 @@ fn cached_runs_equal_the_mapped_run_bit_for_bit() {
         let (base, base_logits) = run(&m, tmp.path(), "mapped", &[]);
         assert!(base["expert_cache"].is_null());
         // The smallest budget: bytes for exactly the two slots one token needs.
-        let two_slots = (2 * header(&m, tmp.path())["slot_bytes"].as_u64().unwrap() + 100).to_string();
+        let h = header(&m, tmp.path());
+        let expert_bytes = h["expert_bytes"].as_u64().unwrap();
+        let two_slots = (2 * h["slot_bytes"].as_u64().unwrap() + 100).to_string();
         let cases = [
             ("100%", "lru", false),
             ("50%", "lfu", true),
@@ -77,17 +79,13 @@ fn cached_runs_equal_the_mapped_run_bit_for_bit() {
             assert!(t["misses"].as_u64().unwrap() > 0, "{what}: {c}");
             assert!(c["slots"].as_u64().unwrap() >= 2);
             let loaded = t["bytes_loaded"].as_u64().unwrap();
-            let per = (t["misses"].as_u64().unwrap() + t["prefetch_issued"].as_u64().unwrap()) * expert_bytes(&m, tmp.path());
+            let per = (t["misses"].as_u64().unwrap() + t["prefetch_issued"].as_u64().unwrap()) * expert_bytes;
             assert_eq!(loaded, per, "{what}");
         }
     }
 }
 
-/// Bytes of one expert (from the trace header of a short traced run).
-fn expert_bytes(m: &Path, tmp: &Path) -> u64 {
-    header(m, tmp)["expert_bytes"].as_u64().unwrap()
-}
-
+/// The route-trace header of a short traced run: the model's expert and slot sizes.
 fn header(m: &Path, tmp: &Path) -> Value {
     let t = tmp.join("header-probe.jsonl");
     let o = common::run_moellava(&[

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, TryLockError};
 use std::time::Duration;
 
 use moellava_runtime::backend::KvType;
-use moellava_runtime::experts::{Budget, FileSource, Policy};
+use moellava_runtime::experts::{Budget, Policy};
 use moellava_runtime::image::{self, Rgb8};
 use moellava_runtime::sampler::SamplingOptions;
 use moellava_runtime::{Answer, GenerateOptions, Model, RuntimeError};
@@ -75,16 +75,9 @@ fn options(
     ignore_eos: bool,
     cancel: &Arc<AtomicBool>,
 ) -> PyResult<GenerateOptions> {
-    if !(temperature >= 0.0 && top_p > 0.0 && top_p <= 1.0 && repetition_penalty > 0.0) {
-        return Err(PyValueError::new_err("temperature must be ≥ 0, top_p in (0, 1], repetition_penalty > 0"));
-    }
-    Ok(GenerateOptions {
-        max_new_tokens,
-        sampling: SamplingOptions { temperature, top_k, top_p, repetition_penalty, seed },
-        ignore_eos,
-        cancel: Some(cancel.clone()),
-        ..GenerateOptions::default()
-    })
+    let sampling = SamplingOptions { temperature, top_k, top_p, repetition_penalty, seed };
+    sampling.validate().map_err(PyValueError::new_err)?;
+    Ok(GenerateOptions { max_new_tokens, sampling, ignore_eos, cancel: Some(cancel.clone()), ..GenerateOptions::default() })
 }
 
 /// Starts one answer on its own thread; its pieces and result arrive on the returned channel.
@@ -178,9 +171,7 @@ impl NativeModel {
                 model.kv_type = t;
             }
             if let Some(b) = budget {
-                let source = FileSource::open(&path)
-                    .map_err(|e| RuntimeError::Unsupported(format!("opening {} for expert reads: {e}", path.display())))?;
-                model.enable_expert_cache(b, policy, prefetch, Arc::new(source))?;
+                model.enable_expert_cache_from_file(&path, b, policy, prefetch)?;
             }
             Ok(model)
         });

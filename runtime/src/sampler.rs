@@ -12,6 +12,21 @@ pub struct SamplingOptions {
     pub seed: u64,
 }
 
+impl SamplingOptions {
+    /// The ranges every front end enforces: temperature ≥ 0, top_p in (0, 1], repetition_penalty > 0.
+    pub fn validate(&self) -> Result<(), String> {
+        let ok = self.temperature >= 0.0 && self.top_p > 0.0 && self.top_p <= 1.0 && self.repetition_penalty > 0.0;
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "temperature must be ≥ 0, top_p in (0, 1], repetition_penalty > 0 (got {}, {}, {})",
+                self.temperature, self.top_p, self.repetition_penalty
+            ))
+        }
+    }
+}
+
 impl Default for SamplingOptions {
     fn default() -> Self {
         SamplingOptions { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed: 0 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use moellava_runtime::backend::KvType;
-use moellava_runtime::experts::{Budget, FileSource, Policy};
+use moellava_runtime::experts::{Budget, Policy};
 use moellava_runtime::sampler::SamplingOptions;
 use moellava_runtime::{GatingMode, GenerateOptions, Model};
 
@@ -59,8 +59,7 @@ impl ExpertArgs {
         match &self.expert_ram {
             Some(b) => {
                 let budget: Budget = b.parse().map_err(|e: String| anyhow::anyhow!("--expert-ram {e}"))?;
-                let source = FileSource::open(path).with_context(|| format!("opening {} for expert reads", path.display()))?;
-                model.enable_expert_cache(budget, policy, self.prefetch, std::sync::Arc::new(source))?;
+                model.enable_expert_cache_from_file(path, budget, policy, self.prefetch)?;
             }
             None if self.prefetch => bail!("--prefetch needs --expert-ram (without a budget every expert is resident)"),
             None => {}
@@ -140,22 +139,14 @@ impl GenArgs {
             "reference" => GatingMode::Reference { seed: self.seed },
             other => bail!("unknown --gating '{other}'; expected deterministic or reference"),
         };
-        let valid = self.temperature >= 0.0 && self.top_p > 0.0 && self.top_p <= 1.0 && self.repetition_penalty > 0.0;
-        if !valid {
-            bail!("--temperature must be ≥ 0, --top-p in (0, 1], --repetition-penalty > 0");
-        }
-        Ok(GenerateOptions {
-            max_new_tokens: self.max_new_tokens,
-            sampling: SamplingOptions {
-                temperature: self.temperature,
-                top_k: self.top_k,
-                top_p: self.top_p,
-                repetition_penalty: self.repetition_penalty,
-                seed: self.seed,
-            },
-            ignore_eos: self.ignore_eos,
-            gating,
-            cancel: None,
-        })
+        let sampling = SamplingOptions {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+        };
+        sampling.validate().map_err(|e| anyhow::anyhow!("--temperature / --top-p / --repetition-penalty: {e}"))?;
+        Ok(GenerateOptions { max_new_tokens: self.max_new_tokens, sampling, ignore_eos: self.ignore_eos, gating, cancel: None })
     }
 }

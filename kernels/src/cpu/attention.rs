@@ -11,7 +11,7 @@
 //!   output `O[T, D] = softmax(S) · V_h` as two f32 matmuls through ggml's `mul_mat` ([`super::gemm`]),
 //!   on head-contiguous copies of Q_h, K_h and V_hᵀ.
 //! - [`attention_per_query`] (decode, few queries): one rayon task per (token, head), scores by
-//!   [`super::ops::dot_f32`], no copies.
+//!   [`super::ops::dot_widen`], no copies.
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -19,25 +19,35 @@ use rayon::prelude::*;
 
 use super::gemm::gemm;
 use super::matmul::QMatRef;
-use super::ops::{dot_f32, softmax};
+use super::ops::{dot_widen, softmax, Widen};
 use crate::QuantType;
 
 /// Queries from which the batched (matmul) path pays for its copies and ggml hand-offs.
 pub const BATCHED_MIN_QUERIES: usize = 8;
 
-/// An element type keys and values may be stored in; arithmetic is always f32.
-pub trait KvElem: Copy + Send + Sync + 'static {
+/// An element type keys and values may be stored in; arithmetic is always f32. The per-query
+/// (decode) path widens element by element inside its dot product and weighted sum ([`Widen`]);
+/// the batched path widens each row once into its head-contiguous copy ([`KvElem::as_f32`]).
+pub trait KvElem: Widen + Send + Sync + 'static {
+    /// Whether [`KvElem::as_f32`] needs a scratch row (f32 is read in place).
+    const WIDENS: bool;
+    /// A scratch row for [`KvElem::as_f32`]: `head_dim` floats, or none (no allocation) for f32.
+    fn scratch(head_dim: usize) -> Vec<f32> {
+        vec![0f32; if Self::WIDENS { head_dim } else { 0 }]
+    }
     /// `src` as f32: `src` itself when it already is, else widened into `buf` (same length).
     fn as_f32<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32];
 }
 
 impl KvElem for f32 {
+    const WIDENS: bool = false;
     fn as_f32<'a>(src: &'a [f32], _buf: &'a mut [f32]) -> &'a [f32] {
         src
     }
 }
 
 impl KvElem for f16 {
+    const WIDENS: bool = true;
     fn as_f32<'a>(src: &'a [f16], buf: &'a mut [f32]) -> &'a [f32] {
         src.convert_to_f32_slice(buf);
         buf
@@ -99,14 +109,12 @@ pub fn attention_per_query<T: KvElem>(q: &[f32], k: &[T], v: &[T], s: AttnShape)
         let (tok, h) = (idx / s.n_head, idx % s.n_head);
         let kvh = h / group;
         let qv = &q[tok * qw + h * hd..tok * qw + (h + 1) * hd];
-        let mut row = vec![0f32; hd]; // one key or value row widened to f32 (unused for f32 caches)
-        let mut scores: Vec<f32> = (0..s.visible(tok, p))
-            .map(|j| dot_f32(qv, T::as_f32(&k[j * kw + kvh * hd..j * kw + (kvh + 1) * hd], &mut row)) * s.scale)
-            .collect();
+        let mut scores: Vec<f32> =
+            (0..s.visible(tok, p)).map(|j| dot_widen(qv, &k[j * kw + kvh * hd..j * kw + (kvh + 1) * hd]) * s.scale).collect();
         softmax(&mut scores);
         for (j, w) in scores.iter().enumerate() {
-            let vv = T::as_f32(&v[j * kw + kvh * hd..j * kw + (kvh + 1) * hd], &mut row);
-            o.iter_mut().zip(vv).for_each(|(a, b)| *a += w * b);
+            let vv = &v[j * kw + kvh * hd..j * kw + (kvh + 1) * hd];
+            o.iter_mut().zip(vv).for_each(|(a, b)| *a += w * b.widen());
         }
     });
     out
@@ -122,7 +130,7 @@ pub fn attention_batched<T: KvElem>(q: &[f32], k: &[T], v: &[T], s: AttnShape) -
     let mut v_ht = vec![0f32; hd * p]; // [D, P]: V_h transposed, the "weight" of the second product
     let mut scores = vec![0f32; t * p]; // [T, P]
     let mut o_h = vec![0f32; t * hd]; // [T, D]
-    let mut row = vec![0f32; hd]; // one key or value row widened to f32 (unused for f32 caches)
+    let mut row = T::scratch(hd); // one key or value row widened to f32
     for kvh in 0..s.n_kv_head {
         for j in 0..p {
             k_h[j * hd..(j + 1) * hd].copy_from_slice(T::as_f32(&k[j * kw + kvh * hd..j * kw + (kvh + 1) * hd], &mut row));

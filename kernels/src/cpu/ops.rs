@@ -144,9 +144,32 @@ pub fn softmax(row: &mut [f32]) {
 
 /// Scaled dot-product attention.
 ///
-/// `Σ a[i]·b[i]` in 16 independent f32 lanes (summed pairwise at the end), so the compiler can keep
-/// them in SIMD registers; a plain sequential sum cannot be vectorised without reassociation.
-pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+/// A value read as f32 where it is used: f32 itself, or f16 (one `vcvtph2ps` per 8 values where F16C
+/// is compiled in). Widening inside a loop beats widening a short row into a buffer first, which
+/// costs more in calls than the arithmetic it feeds.
+pub trait Widen: Copy {
+    fn widen(self) -> f32;
+}
+
+impl Widen for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl Widen for half::f16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+/// `Σ a[i]·b[i]`, `b` widened as it is read, in 16 independent f32 lanes (summed pairwise at the end),
+/// so the compiler can keep them in SIMD registers; a plain sequential sum cannot be vectorised
+/// without reassociation.
+#[inline]
+pub fn dot_widen<T: Widen>(a: &[f32], b: &[T]) -> f32 {
     const LANES: usize = 16;
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
@@ -155,12 +178,12 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for l in 0..LANES {
-            acc[l] += x[l] * y[l];
+            acc[l] += x[l] * y[l].widen();
         }
     }
     let mut tail = 0f32;
     for (x, y) in ra.iter().zip(rb) {
-        tail += x * y;
+        tail += x * y.widen();
     }
     let mut w = LANES;
     while w > 1 {
@@ -196,13 +219,17 @@ mod tests {
     }
 
     #[test]
-    fn dot_f32_matches_f64_reference_at_every_length() {
+    fn dot_widen_matches_f64_reference_at_every_length() {
         for n in [0usize, 1, 15, 16, 17, 64, 80, 129] {
             let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.7).sin()).collect();
             let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.3).cos()).collect();
             let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
             let scale: f64 = a.iter().zip(&b).map(|(x, y)| (*x as f64 * *y as f64).abs()).sum::<f64>().max(1.0);
-            assert!((dot_f32(&a, &b) as f64 - exact).abs() <= 1e-6 * scale, "n={n}");
+            assert!((dot_widen(&a, &b) as f64 - exact).abs() <= 1e-6 * scale, "n={n}");
+            // f16 operands: the reference is the scalar sum over the same rounded values.
+            let b16: Vec<half::f16> = b.iter().map(|x| half::f16::from_f32(*x)).collect();
+            let exact16: f64 = a.iter().zip(&b16).map(|(x, y)| *x as f64 * y.to_f64()).sum();
+            assert!((dot_widen(&a, &b16) as f64 - exact16).abs() <= 1e-6 * scale, "f16 n={n}");
         }
     }
 }

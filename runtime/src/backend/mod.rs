@@ -34,13 +34,6 @@ impl KvType {
             KvType::F16
         }
     }
-
-    pub fn bytes_per_value(self) -> usize {
-        match self {
-            KvType::F32 => 4,
-            KvType::F16 => 2,
-        }
-    }
 }
 
 impl std::str::FromStr for KvType {

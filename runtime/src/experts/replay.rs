@@ -86,10 +86,11 @@ impl Timeline {
 
 /// Replays `routes` (one trace) with `o`.
 pub fn replay(header: &TraceHeader, routes: &[RouteLine], o: &ReplayOptions) -> ReplayReport {
+    let needed_per_line: Vec<Vec<usize>> = routes.iter().map(|r| r.needed()).collect();
     let mut table = match o.policy {
         Policy::Belady => {
-            let needed: Vec<(usize, Vec<usize>)> = routes.iter().map(|r| (r.layer, r.needed())).collect();
-            SlotTable::with_future(o.slots, header.expert_bytes, Future::new(needed.iter().map(|(l, n)| (*l, &n[..]))))
+            let future = Future::new(routes.iter().zip(&needed_per_line).map(|(r, n)| (r.layer, &n[..])));
+            SlotTable::with_future(o.slots, header.expert_bytes, future)
         }
         _ => SlotTable::new(o.slots, o.policy, header.expert_bytes),
     };
@@ -102,8 +103,7 @@ pub fn replay(header: &TraceHeader, routes: &[RouteLine], o: &ReplayOptions) -> 
     };
     let mut all_resident = 0f64;
     let (mut guessed, mut guessed_used) = (0u64, 0u64);
-    for (i, r) in routes.iter().enumerate() {
-        let needed = r.needed();
+    for (i, (r, needed)) in routes.iter().zip(&needed_per_line).enumerate() {
         if let Some(g) = &r.guess {
             guessed += g.len() as u64;
             guessed_used += g.iter().filter(|e| needed.contains(e)).count() as u64;
@@ -116,11 +116,11 @@ pub fn replay(header: &TraceHeader, routes: &[RouteLine], o: &ReplayOptions) -> 
                 tl.schedule(table, &p);
             }
         };
-        table.begin_layer(r.layer, &needed);
+        table.begin_layer(r.layer, needed);
         if needed.is_empty() {
             prefetch(&mut table, &mut tl);
         }
-        for (k, chunk) in table.order(r.layer, &needed).chunks(chunk_len(o.slots, header.top_k)).enumerate() {
+        for (k, chunk) in table.order(r.layer, needed).chunks(chunk_len(o.slots, header.top_k)).enumerate() {
             let placements = table.ensure(r.layer, chunk).expect("single-threaded: nothing else holds pins");
             tl.schedule(&mut table, &placements);
             let stall = tl.wait_for(&placements);

@@ -161,7 +161,7 @@ struct Slot {
 
 /// What [`Policy::Belady`] knows: the steps (calls of `begin_layer`, numbered from 0) at which each
 /// expert is requested, and where the table is now.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Future {
     steps: HashMap<Key, Vec<u64>>,
     /// The step under way (`u64::MAX` before the first) and its experts not yet pinned.
@@ -202,7 +202,8 @@ pub struct SlotTable {
     clock: u64,
     expert_bytes: u64,
     counters: BTreeMap<usize, Counters>,
-    future: Future,
+    /// Present exactly for [`Policy::Belady`].
+    future: Option<Future>,
 }
 
 impl SlotTable {
@@ -215,13 +216,13 @@ impl SlotTable {
             clock: 0,
             expert_bytes,
             counters: BTreeMap::new(),
-            future: Future::default(),
+            future: None,
         }
     }
 
     /// A table for [`Policy::Belady`], which must know every step's requests in advance.
     pub fn with_future(n_slots: usize, expert_bytes: u64, future: Future) -> SlotTable {
-        SlotTable { future, ..SlotTable::new(n_slots, Policy::Belady, expert_bytes) }
+        SlotTable { future: Some(future), ..SlotTable::new(n_slots, Policy::Belady, expert_bytes) }
     }
 
     /// Counters per MoE layer.
@@ -256,8 +257,7 @@ impl SlotTable {
 
     /// Layer `layer` is about to request `needed`: its pending prefetches that are not needed are wasted.
     pub fn begin_layer(&mut self, layer: usize, needed: &[usize]) {
-        if self.policy == Policy::Belady {
-            let f = &mut self.future;
+        if let Some(f) = &mut self.future {
             (f.now, f.now_layer, f.now_pending) = (f.now.wrapping_add(1), layer, needed.to_vec());
         }
         let mut wasted = 0;
@@ -324,8 +324,8 @@ impl SlotTable {
         for &e in ids {
             *self.freq.entry((layer, e)).or_default() += 1;
         }
-        if self.policy == Policy::Belady && layer == self.future.now_layer {
-            self.future.now_pending.retain(|e| !ids.contains(e));
+        if let Some(f) = self.future.as_mut().filter(|f| f.now_layer == layer) {
+            f.now_pending.retain(|e| !ids.contains(e));
         }
         Some(out)
     }
@@ -401,7 +401,11 @@ impl SlotTable {
             Policy::Lfu => settled.min_by_key(|&i| (freq(i), last(i), i)),
             Policy::LeastStale => settled.min_by_key(|&i| (u64::MAX - last(i), freq(i), i)),
             Policy::Belady => {
-                settled.min_by_key(|&i| (u64::MAX - self.slots[i].key.map_or(u64::MAX, |k| self.future.next_use(k)), i))
+                let next_use = |i: usize| match (&self.future, self.slots[i].key) {
+                    (Some(f), Some(k)) => f.next_use(k),
+                    _ => u64::MAX,
+                };
+                settled.min_by_key(|&i| (u64::MAX - next_use(i), i))
             }
         };
         chosen.or_else(|| all.filter(free).min_by_key(|&i| (last(i), i)))

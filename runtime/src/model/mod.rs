@@ -189,6 +189,14 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
+    /// [`Model::enable_expert_cache`] with the experts read from the model file at `path` itself (what
+    /// `--expert-ram` does).
+    pub fn enable_expert_cache_from_file(&mut self, path: &Path, budget: Budget, policy: Policy, prefetch: bool) -> Result<()> {
+        let source = crate::experts::FileSource::open(path)
+            .map_err(|e| RuntimeError::Unsupported(format!("opening {} for expert reads: {e}", path.display())))?;
+        self.enable_expert_cache(budget, policy, prefetch, Arc::new(source))
+    }
+
     /// The cache's counters, when `--expert-ram` is on.
     pub fn expert_cache_report(&self) -> Option<CacheReport> {
         self.llm.experts.as_ref().map(|c| c.report())
