@@ -58,6 +58,13 @@ impl Backend for CpuBackend {
         Ok(HostMat { data: out, cols: w.rows })
     }
 
+    fn matmul_per_row(&self, x: &HostMat, w: &Weight) -> Result<HostMat> {
+        // One ggml vec_dot per (weight row, token), exactly what a single token gets from `matmul`.
+        let mut out = vec![0f32; x.rows() * w.rows];
+        cpu::matmul_vec_dot(w.mat(), &x.data, &mut out)?;
+        Ok(HostMat { data: out, cols: w.rows })
+    }
+
     fn embed(&self, table: &Weight, ids: &[u32]) -> Result<HostMat> {
         let mut out = vec![0f32; ids.len() * table.cols];
         cpu::get_rows(table.mat(), ids, &mut out)?;

@@ -13,6 +13,26 @@ use moellava_kernels::QuantType;
 use crate::error::Result;
 use crate::model::weights::Weight;
 
+/// What the rows of one forward call are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowMode {
+    /// Consecutive positions of one sequence (a prompt): batched matmuls, MoE capacity over the call.
+    Sequence,
+    /// One row per sequence (a decode step of several sequences): per-row matmuls and per-row routing,
+    /// so each row's result equals that sequence run alone.
+    Independent,
+}
+
+impl RowMode {
+    /// `x · Wᵀ` in this mode.
+    pub fn matmul<B: Backend>(self, be: &B, x: &B::Act, w: &Weight) -> Result<B::Act> {
+        match self {
+            RowMode::Sequence => be.matmul(x, w),
+            RowMode::Independent => be.matmul_per_row(x, w),
+        }
+    }
+}
+
 /// The element type of the KV cache (`--kv-cache`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -70,6 +90,9 @@ pub trait Backend: Send + Sync {
 
     /// `x[T, K] · Wᵀ` for `W [N, K]` in any weight type → `[T, N]`.
     fn matmul(&self, x: &Self::Act, w: &Weight) -> Result<Self::Act>;
+    /// [`Backend::matmul`] where every output row is bit-identical to that row multiplied on its own
+    /// (rows from different sequences in one decode step: a batch must not change any answer).
+    fn matmul_per_row(&self, x: &Self::Act, w: &Weight) -> Result<Self::Act>;
     /// Rows `ids` of an embedding table.
     fn embed(&self, table: &Weight, ids: &[u32]) -> Result<Self::Act>;
 

@@ -2,9 +2,10 @@
 //! Phi-2 / StableLM / Qwen all fit: q, k, v = split(x·Wqkvᵀ + b) into [D | kv | kv]; rotary on the
 //! first `rope_dims` of each head (Phi 0.4·80, StableLM 0.25·64, Qwen all 128); scores scaled by
 //! 1/√head_dim; grouped KV heads when n_head_kv < n_head; output projection (+ bias for Phi).
-//! Dims: T = new tokens, P = cached + new positions, D = n_embd, kv = n_head_kv·head_dim.
+//! Dims: T = new tokens, P = cached + new positions, D = n_embd, kv = n_head_kv·head_dim,
+//! B = sequences of a decode batch (one new token each).
 
-use crate::backend::{AttnShape, Backend, KvType};
+use crate::backend::{AttnShape, Backend, KvType, RowMode};
 use crate::error::Result;
 use crate::gguf::keys::tensors as tn;
 use crate::model::config::LlmConfig;
@@ -65,9 +66,40 @@ impl Attention {
 
     /// `h [T, D]` at positions `first_pos..first_pos+T` → `[T, D]`; appends this call's K and V to `cache`.
     pub fn forward<B: Backend>(&self, be: &B, h: &B::Act, cache: &mut (B::Kv, B::Kv), first_pos: usize) -> Result<B::Act> {
-        let (t, d) = be.shape(h);
+        let (t, _) = be.shape(h);
+        let positions: Vec<usize> = (first_pos..first_pos + t).collect();
+        let (q, k, v) = self.project(be, h, &positions, RowMode::Sequence)?;
+        be.kv_append(&mut cache.0, &k);
+        be.kv_append(&mut cache.1, &v);
+        let a = be.attention_cached(&q, &cache.0, &cache.1, self.shape(first_pos)); // [T, D]
+        self.output(be, &a, RowMode::Sequence)
+    }
+
+    /// One decode token per sequence: row `b` of `h [B, D]` is at position `positions[b]` of the sequence
+    /// whose cache is `caches[b]` (each row attends over its own cache only) → `[B, D]`.
+    pub fn forward_rows<B: Backend>(
+        &self,
+        be: &B,
+        h: &B::Act,
+        caches: &mut [&mut (B::Kv, B::Kv)],
+        positions: &[usize],
+    ) -> Result<B::Act> {
+        let (q, k, v) = self.project(be, h, positions, RowMode::Independent)?;
+        let mut rows = Vec::with_capacity(caches.len());
+        for (b, cache) in caches.iter_mut().enumerate() {
+            be.kv_append(&mut cache.0, &be.gather_rows(&k, &[b]));
+            be.kv_append(&mut cache.1, &be.gather_rows(&v, &[b]));
+            rows.push(be.attention_cached(&be.gather_rows(&q, &[b]), &cache.0, &cache.1, self.shape(positions[b])));
+        }
+        let a = be.concat_rows(&rows.iter().collect::<Vec<_>>()); // [B, D]
+        self.output(be, &a, RowMode::Independent)
+    }
+
+    /// q `[T, D]`, k and v `[T, kv]` of `h [T, D]`, rotated for `positions` (one per row).
+    fn project<B: Backend>(&self, be: &B, h: &B::Act, positions: &[usize], mode: RowMode) -> Result<(B::Act, B::Act, B::Act)> {
+        let (_, d) = be.shape(h);
         let kv = self.n_head_kv * self.head_dim;
-        let mut qkv = be.matmul(h, &self.qkv)?; // [T, D + 2kv]
+        let mut qkv = mode.matmul(be, h, &self.qkv)?; // [T, D + 2kv]
         if let Some(b) = &self.qkv_b {
             be.add_bias(&mut qkv, b);
         }
@@ -75,21 +107,25 @@ impl Attention {
             .split_cols(&qkv, &[d, kv, kv])
             .try_into()
             .map_err(|_| crate::error::RuntimeError::Unsupported("backend split QKV into the wrong number of parts".into()))?;
-        let positions: Vec<usize> = (first_pos..first_pos + t).collect();
-        be.rope(&mut q, self.n_head, self.head_dim, self.rope_dims, &positions, self.rope_base);
-        be.rope(&mut k, self.n_head_kv, self.head_dim, self.rope_dims, &positions, self.rope_base);
-        be.kv_append(&mut cache.0, &k);
-        be.kv_append(&mut cache.1, &v);
-        let shape = AttnShape {
+        be.rope(&mut q, self.n_head, self.head_dim, self.rope_dims, positions, self.rope_base);
+        be.rope(&mut k, self.n_head_kv, self.head_dim, self.rope_dims, positions, self.rope_base);
+        Ok((q, k, v))
+    }
+
+    fn shape(&self, first_pos: usize) -> AttnShape {
+        AttnShape {
             n_head: self.n_head,
             n_kv_head: self.n_head_kv,
             head_dim: self.head_dim,
             first_pos,
             causal: true,
             scale: 1.0 / (self.head_dim as f32).sqrt(),
-        };
-        let a = be.attention_cached(&q, &cache.0, &cache.1, shape); // [T, D]
-        let mut y = be.matmul(&a, &self.out)?;
+        }
+    }
+
+    /// The output projection of the attended values `a [T, D]`.
+    fn output<B: Backend>(&self, be: &B, a: &B::Act, mode: RowMode) -> Result<B::Act> {
+        let mut y = mode.matmul(be, a, &self.out)?;
         if let Some(b) = &self.out_b {
             be.add_bias(&mut y, b);
         }

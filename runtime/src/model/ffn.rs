@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use crate::backend::{Activation, Backend};
+use crate::backend::{Activation, Backend, RowMode};
 use crate::error::Result;
 use crate::gguf::keys::tensors as tn;
 use crate::model::config::{Family, LlmConfig};
@@ -56,21 +56,22 @@ impl Ffn {
     }
 
     /// `x [T, D]` → `[T, D]`.
-    pub fn forward<B: Backend>(&self, be: &B, x: &B::Act) -> Result<B::Act> {
+    pub fn forward<B: Backend>(&self, be: &B, x: &B::Act, mode: RowMode) -> Result<B::Act> {
+        let mm = |x: &B::Act, w: &Weight| mode.matmul(be, x, w);
         match self {
             Ffn::Gelu { up, up_b, down, down_b } => {
-                let mut h = be.matmul(x, up)?; // [T, F]
+                let mut h = mm(x, up)?; // [T, F]
                 be.add_bias(&mut h, up_b);
                 be.activate(&mut h, Activation::GeluTanh);
-                let mut y = be.matmul(&h, down)?; // [T, D]
+                let mut y = mm(&h, down)?; // [T, D]
                 be.add_bias(&mut y, down_b);
                 Ok(y)
             }
             Ffn::SwiGlu { gate, up, down } => {
-                let mut g = be.matmul(x, gate)?; // [T, F]
+                let mut g = mm(x, gate)?; // [T, F]
                 be.activate(&mut g, Activation::Silu);
-                be.mul(&mut g, &be.matmul(x, up)?);
-                be.matmul(&g, down) // [T, D]
+                be.mul(&mut g, &mm(x, up)?);
+                mm(&g, down) // [T, D]
             }
         }
     }

@@ -3,10 +3,10 @@
 //! Block structure per family (spec §2): Phi-2 is parallel, `x + attn(LN(x)) + ffn(LN(x))` with one
 //! LayerNorm; StableLM-2 `x + attn(LN1(x))` then `x + ffn(LN2(x))`; Qwen-1 the same with RMSNorm.
 //! Logits are computed for the last position only, over the len(tokenizer) rows the head keeps.
-//! Dims: T = tokens of this call, D = n_embd, V = n_vocab.
+//! Dims: T = tokens of this call, B = sequences of a decode step, D = n_embd, V = n_vocab.
 
-use crate::backend::{Backend, KvType};
-use crate::error::Result;
+use crate::backend::{Backend, KvType, RowMode};
+use crate::error::{Result, RuntimeError};
 use crate::experts::ExpertCache;
 use crate::gguf::keys::tensors as tn;
 use crate::model::attention::{Attention, KvCache};
@@ -129,19 +129,61 @@ impl Llm {
     pub fn forward<B: Backend>(
         &self,
         be: &B,
-        mut x: B::Act,
+        x: B::Act,
         cache: &mut KvCache<B>,
         gating: &mut Gating,
         trace: &mut Trace,
     ) -> Result<Vec<f32>> {
         let first_pos = cache.len;
         let (t, _) = be.shape(&x);
+        let x = self
+            .layers(be, x, RowMode::Sequence, gating, trace, |i, attn, h| attn.forward(be, h, &mut cache.layers[i], first_pos))?;
+        cache.len += t;
+        let last = be.gather_rows(&x, &[t - 1]);
+        let h = self.out_norm.apply(be, &last);
+        Ok(be.to_host(&be.matmul(&h, &self.output)?))
+    }
+
+    /// One decode step of several sequences: row `b` of `x [B, D]` is the next token of the sequence
+    /// whose cache is `caches[b]`. Returns each row's logits `[V]`, bit-identical to what [`Llm::forward`]
+    /// gives that token alone (per-row matmuls and routing, deterministic gating); the weights are read
+    /// once for all B rows, which is what makes batching pay on a memory-bound decode.
+    pub fn forward_rows<B: Backend>(&self, be: &B, x: B::Act, caches: &mut [&mut KvCache<B>]) -> Result<Vec<Vec<f32>>> {
+        let (b, _) = be.shape(&x);
+        if b != caches.len() {
+            return Err(RuntimeError::Unsupported(format!("{b} rows for {} sequences", caches.len())));
+        }
+        let positions: Vec<usize> = caches.iter().map(|c| c.len).collect();
+        let mut trace = Trace::default();
+        let x = self.layers(be, x, RowMode::Independent, &mut Gating::Deterministic, &mut trace, |i, attn, h| {
+            let mut layer: Vec<_> = caches.iter_mut().map(|c| &mut c.layers[i]).collect();
+            attn.forward_rows(be, h, &mut layer, &positions)
+        })?;
+        for c in caches.iter_mut() {
+            c.len += 1;
+        }
+        let h = self.out_norm.apply(be, &x);
+        let logits = be.to_host(&be.matmul_per_row(&h, &self.output)?); // [B, V]
+        Ok(logits.chunks(self.output.rows).map(|r| r.to_vec()).collect())
+    }
+
+    /// Every decoder layer over `x [T, D]`; `attend(layer, attention, normed x)` runs the attention
+    /// (and owns the KV cache), the rest is shared by both kinds of call.
+    fn layers<B: Backend>(
+        &self,
+        be: &B,
+        mut x: B::Act,
+        mode: RowMode,
+        gating: &mut Gating,
+        trace: &mut Trace,
+        mut attend: impl FnMut(usize, &Attention, &B::Act) -> Result<B::Act>,
+    ) -> Result<B::Act> {
         let experts = self.experts.as_deref();
         let want_guess = self.record_guesses || experts.is_some_and(|c| c.options().prefetch);
         let mut guess: Option<Vec<usize>> = None;
         for (i, l) in self.layers.iter().enumerate() {
             let h = l.attn_norm.apply(be, &x);
-            let a = l.attn.forward(be, &h, &mut cache.layers[i], first_pos)?;
+            let a = attend(i, &l.attn, &h)?;
             let h = match &l.ffn_norm {
                 None => h, // Phi-2: the FFN reads the same normed input (parallel block)
                 Some(n) => {
@@ -150,13 +192,13 @@ impl Llm {
                 }
             };
             let f = match &l.ffn {
-                LayerFfn::Dense(ffn) => ffn.forward(be, &h)?,
+                LayerFfn::Dense(ffn) => ffn.forward(be, &h, mode)?,
                 LayerFfn::Moe(moe) => {
                     let next = match self.next_moe[i].map(|j| &self.layers[j].ffn) {
                         Some(LayerFfn::Moe(m)) if want_guess => Some(m),
                         _ => None,
                     };
-                    let o = moe.forward(be, &h, gating, MoeStep { cache: experts, next })?;
+                    let o = moe.forward(be, &h, gating, MoeStep { mode, cache: experts, next })?;
                     trace.moe.push((i, o.logits, o.routing));
                     trace.guesses.push(std::mem::replace(&mut guess, o.guess_next));
                     o.y
@@ -170,9 +212,6 @@ impl Llm {
                 trace.layer_outputs.push(be.to_host(&x));
             }
         }
-        cache.len += t;
-        let last = be.gather_rows(&x, &[t - 1]);
-        let h = self.out_norm.apply(be, &last);
-        Ok(be.to_host(&be.matmul(&h, &self.output)?))
+        Ok(x)
     }
 }

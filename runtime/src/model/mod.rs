@@ -6,6 +6,7 @@ pub mod config;
 pub mod ffn;
 pub mod llm;
 pub mod moe;
+pub mod sequence;
 pub mod vision;
 pub mod weights;
 
@@ -23,12 +24,13 @@ use crate::gguf::GgufFile;
 use crate::image::Rgb8;
 use crate::prompt::{self, Piece, Turn};
 use crate::rng::Rng;
-use crate::sampler::{self, SamplingOptions};
+use crate::sampler::SamplingOptions;
 use crate::tokenizer::Tokenizer;
 use attention::KvCache;
 use config::ModelConfig;
 use llm::{Llm, Trace};
 use moe::Gating;
+pub use sequence::Sequence;
 use vision::VisionTower;
 use weights::WeightStore;
 
@@ -317,6 +319,22 @@ impl<B: Backend> Model<B> {
         Ok(PreparedInput { embeds, ids: prompt::flat_ids(&pieces), image_tokens, image_encode_s: encode_s })
     }
 
+    /// A new sequence for `input` (its KV cache sized for the prompt and `o.max_new_tokens`), with the
+    /// model's stop string and the caller's `stops`; errors when it would not fit in the context.
+    pub fn new_sequence(&self, input: &PreparedInput<B>, o: &GenerateOptions, stops: &[String]) -> Result<Sequence<B>> {
+        let prompt_tokens = self.backend.shape(&input.embeds).0;
+        let ctx = self.config.llm.context_length;
+        let cache = self.new_kv_cache((prompt_tokens + o.max_new_tokens).min(ctx));
+        Sequence::new(cache, prompt_tokens, ctx, o, &self.config.chat.sep2, stops)
+    }
+
+    /// One decode step of several sequences: `tokens[b]` is fed to `caches[b]`. Each sequence's logits
+    /// are bit-identical to feeding its token alone ([`Llm::forward_rows`]).
+    pub fn decode_rows(&self, tokens: &[u32], caches: &mut [&mut KvCache<B>]) -> Result<Vec<Vec<f32>>> {
+        let x = self.llm.embed(&self.backend, tokens)?; // [B, D]
+        self.llm.forward_rows(&self.backend, x, caches)
+    }
+
     /// Answers one prompt (already templated), streaming the text through `on_text`.
     pub fn generate(&self, input: PreparedInput<B>, o: &GenerateOptions, on_text: &mut dyn FnMut(&str)) -> Result<Answer> {
         let be = &self.backend;
@@ -324,17 +342,11 @@ impl<B: Backend> Model<B> {
             GatingMode::Deterministic => Gating::Deterministic,
             GatingMode::Reference { seed } => Gating::Reference(Rng::new(seed ^ 0x6D6F_656C_6C61_7661)),
         };
-        let prompt_tokens = be.shape(&input.embeds).0;
-        if prompt_tokens + o.max_new_tokens > self.config.llm.context_length {
-            return Err(RuntimeError::Prompt(format!(
-                "{prompt_tokens} prompt positions + {} new tokens exceed the context length {}",
-                o.max_new_tokens, self.config.llm.context_length
-            )));
-        }
-        let mut cache = self.new_kv_cache(prompt_tokens + o.max_new_tokens);
+        let mut seq = self.new_sequence(&input, o, &[])?;
+        let prompt_tokens = seq.prompt_tokens;
         let t0 = Instant::now();
         let mut trace = Trace::default();
-        let mut logits = self.forward(input.embeds, &mut cache, &mut gating, &mut trace)?;
+        let mut logits = self.forward(input.embeds, &mut seq.cache, &mut gating, &mut trace)?;
         let prefill_s = t0.elapsed().as_secs_f64();
         let routing = trace
             .moe
@@ -346,53 +358,28 @@ impl<B: Backend> Model<B> {
             })
             .collect();
         let last_prompt_logits = logits.clone();
-        let mut rng = Rng::new(o.sampling.seed);
-        let (mut tokens, mut emitted) = (Vec::new(), 0usize);
-        let mut stop = StopReason::MaxNewTokens;
-        let sep2 = self.config.chat.sep2.clone();
         let t1 = Instant::now();
         let cancelled = || o.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed));
-        while tokens.len() < o.max_new_tokens {
+        loop {
             if cancelled() {
                 self.end_sequence()?;
                 return Err(RuntimeError::Cancelled);
             }
-            let next = sampler::sample(&logits, &tokens, &o.sampling, &mut rng);
-            if next == self.tokenizer.eos && !o.ignore_eos {
-                stop = StopReason::Eos;
-                break;
+            let (piece, next) = seq.accept(&self.tokenizer, &logits)?;
+            if !piece.is_empty() {
+                on_text(&piece);
             }
-            tokens.push(next);
-            let text = self.tokenizer.decode(&tokens, true)?;
-            if !o.ignore_eos && !sep2.is_empty() && text.contains(&sep2) {
-                stop = StopReason::StopString;
-                break;
-            }
-            // Stream what is final: never half of a multi-byte character.
-            if !text.ends_with('\u{FFFD}') && text.len() > emitted && text.is_char_boundary(emitted) {
-                on_text(&text[emitted..]);
-                emitted = text.len();
-            }
-            if tokens.len() == o.max_new_tokens {
-                break;
-            }
-            logits = self.forward(self.llm.embed(be, &[next])?, &mut cache, &mut gating, &mut Trace::default())?;
+            let Some(next) = next else { break };
+            logits = self.forward(self.llm.embed(be, &[next])?, &mut seq.cache, &mut gating, &mut Trace::default())?;
         }
         let decode_s = t1.elapsed().as_secs_f64();
         self.end_sequence()?;
-        let mut text = self.tokenizer.decode(&tokens, true)?;
-        if let Some(i) = text.find(&sep2).filter(|_| !sep2.is_empty()) {
-            text.truncate(i);
-        }
-        if text.len() > emitted && text.is_char_boundary(emitted) {
-            on_text(&text[emitted..]);
-        }
-        let n_decoded = tokens.len().saturating_sub(1);
+        let n_decoded = seq.tokens.len().saturating_sub(1);
         Ok(Answer {
-            text: text.trim().to_string(),
+            text: seq.text().to_string(),
             prompt_tokens,
             image_tokens: input.image_tokens,
-            stop_reason: stop,
+            stop_reason: seq.stop.unwrap_or(StopReason::MaxNewTokens),
             timings: Timings {
                 image_encode_s: input.image_encode_s,
                 prefill_s,
@@ -400,7 +387,7 @@ impl<B: Backend> Model<B> {
                 prefill_tokens_per_s: prompt_tokens as f64 / prefill_s.max(1e-9),
                 decode_tokens_per_s: if n_decoded > 0 { n_decoded as f64 / decode_s.max(1e-9) } else { 0.0 },
             },
-            tokens,
+            tokens: seq.tokens,
             routing,
             last_prompt_logits,
         })

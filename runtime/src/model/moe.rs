@@ -12,7 +12,7 @@
 //! forward call (the whole prompt at prefill), so it is applied here, not per token.
 //! Dims: T = n_tokens, E = n_expert, D = n_embd, F = n_ff.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, RowMode};
 use crate::error::Result;
 use crate::experts::ExpertCache;
 use crate::gguf::keys::tensors as tn;
@@ -179,24 +179,30 @@ impl Moe {
     }
 
     /// Router logits `[T, E]` of `h [T, D]`.
-    fn router<B: Backend>(&self, be: &B, h: &B::Act) -> Result<Vec<f32>> {
-        Ok(be.to_host(&be.matmul(h, &self.gate)?))
+    fn router<B: Backend>(&self, be: &B, h: &B::Act, mode: RowMode) -> Result<Vec<f32>> {
+        Ok(be.to_host(&mode.matmul(be, h, &self.gate)?))
     }
 
     /// The experts this layer's router would pick (deterministic top-2 per token, distinct, ascending)
     /// for `h`: applied to an earlier layer's input, the prefetch guess for this layer.
     pub fn guess<B: Backend>(&self, be: &B, h: &B::Act) -> Result<Vec<usize>> {
-        Ok(route(&self.router(be, h)?, self.n_expert, f32::INFINITY, 0, None).needed())
+        Ok(route(&self.router(be, h, RowMode::Sequence)?, self.n_expert, f32::INFINITY, 0, None).needed())
     }
 
     /// `h [T, D]` → `[T, D]`; returns the router logits `[T, E]`, the routing, and (with a `next` MoE
     /// layer) the guess for that layer. With a cache, the routed experts are made resident chunk by
     /// chunk, and the guess is prefetched once the first chunk is pinned (the order `replay` follows).
+    /// With [`RowMode::Independent`] every row is routed on its own: one token alone never loses a choice
+    /// to the capacity rule (C ≥ 1 and its two experts differ), so that is routing without capacity.
     pub fn forward<B: Backend>(&self, be: &B, h: &B::Act, gating: &mut Gating, step: MoeStep<'_>) -> Result<MoeOutput<B>> {
-        let logits = self.router(be, h)?; // [T, E]
+        let mode = step.mode;
+        let logits = self.router(be, h, mode)?; // [T, E]
         let (t, d) = be.shape(h);
         let noise = gating.noise(self.layer, t * self.n_expert);
-        let routing = route(&logits, self.n_expert, self.eval_capacity_factor, self.min_capacity, noise.as_deref());
+        let routing = match mode {
+            RowMode::Sequence => route(&logits, self.n_expert, self.eval_capacity_factor, self.min_capacity, noise.as_deref()),
+            RowMode::Independent => route(&logits, self.n_expert, f32::INFINITY, 0, noise.as_deref()),
+        };
         let guess = step.next.map(|n| n.guess(be, h).map(|g| (n.layer, g))).transpose()?;
         let needed = routing.needed();
         let mut out = be.zeros(t, d);
@@ -210,7 +216,7 @@ impl Moe {
                     }
                 }
             }
-            let y = expert.forward(be, &be.gather_rows(h, &rows))?; // [rows, D]
+            let y = expert.forward(be, &be.gather_rows(h, &rows), mode)?; // [rows, D]
             be.scatter_add_rows(out, &y, &rows, &weights);
             Ok(())
         };
@@ -245,8 +251,10 @@ impl Moe {
 }
 
 /// What one MoE layer's forward may use besides its input.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 pub struct MoeStep<'a> {
+    /// What the rows are (one prompt, or one decode token of each of several sequences).
+    pub mode: RowMode,
     /// The expert cache (`--expert-ram`); `None` reads the experts from the file's map.
     pub cache: Option<&'a ExpertCache>,
     /// The next MoE layer of the model, whose experts are to be guessed (and prefetched with a
