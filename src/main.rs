@@ -28,6 +28,7 @@ enum Command {
     Bench(commands::bench::BenchArgs),
     ReplayRoute(commands::replay_route::ReplayRouteArgs),
     Inspect(commands::inspect::InspectArgs),
+    Serve(commands::serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +63,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => commands::bench::run(args),
         Command::ReplayRoute(args) => commands::replay_route::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
+        Command::Serve(args) => commands::serve::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -37,6 +37,13 @@ impl Rgb8 {
 /// Decodes JPEG, PNG, WebP, BMP or GIF (first frame) bytes; corrupt data, unknown formats and images
 /// above [`MAX_PIXELS`] are errors.
 pub fn decode(bytes: &[u8], what: &str) -> Result<Rgb8> {
+    decode_limited(bytes, what, MAX_PIXELS)
+}
+
+/// [`decode`] with a lower pixel limit (the server's `--max-image-pixels`), checked from the header
+/// before any pixel is decoded.
+pub fn decode_limited(bytes: &[u8], what: &str, max_pixels: u64) -> Result<Rgb8> {
+    let max_pixels = max_pixels.min(MAX_PIXELS);
     let err = |e: &dyn std::fmt::Display| RuntimeError::Image(format!("{what}: {e}"));
     let reader = || image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| err(&e));
     if reader()?.format().is_none() {
@@ -44,9 +51,9 @@ pub fn decode(bytes: &[u8], what: &str) -> Result<Rgb8> {
     }
     // The header alone first, so that a huge declared size is refused before any pixel is decoded.
     let (w, h) = reader()?.into_dimensions().map_err(|e| err(&e))?;
-    if (w as u64) * (h as u64) > MAX_PIXELS || w > MAX_SIDE || h > MAX_SIDE {
+    if (w as u64) * (h as u64) > max_pixels || w > MAX_SIDE || h > MAX_SIDE {
         return Err(RuntimeError::Image(format!(
-            "{what}: {w}×{h} pixels exceeds the {MAX_PIXELS}-pixel limit (decompression bomb?)"
+            "{what}: {w}×{h} pixels exceeds the {max_pixels}-pixel limit (at most {MAX_SIDE} per side)"
         )));
     }
     let mut r = reader()?;

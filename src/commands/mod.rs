@@ -9,3 +9,4 @@ pub mod options;
 pub mod pope;
 pub mod replay_route;
 pub mod run;
+pub mod serve;
