@@ -14,17 +14,18 @@ CARGO_TEST := cargo test --workspace --exclude moellava-python $(CARGO_TEST_FLAG
 
 export MOELLAVA_PYTHON := $(PY)
 
-.PHONY: setup test demo golden-check fuzz-check python-test fixtures clean-build
+.PHONY: setup test demo golden-check fuzz-check python-test serve-test fixtures clean-build
 
 setup: $(BUILD)/.apt-ok $(VENV)/.requirements-ok
 
-# cmake and libclang build ggml and its bindings (llama-cpp-sys-2); python3-venv for the checks.
+# cmake and libclang build ggml and its bindings (llama-cpp-sys-2); python3-venv for the checks;
+# headless chromium + chromedriver for the web page's test.
 $(BUILD)/.apt-ok:
 	@mkdir -p $(BUILD)
 	@if ! command -v cmake >/dev/null || ! command -v clang >/dev/null || ! dpkg -s libclang-dev >/dev/null 2>&1 \
-	    || ! python3 -c 'import ensurepip, venv' 2>/dev/null; then \
-	  echo "setup: installing cmake clang libclang-dev python3-venv"; \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq cmake clang libclang-dev python3-venv >/dev/null; \
+	    || ! python3 -c 'import ensurepip, venv' 2>/dev/null || ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  echo "setup: installing cmake clang libclang-dev python3-venv chromium chromium-driver"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq cmake clang libclang-dev python3-venv chromium chromium-driver >/dev/null; \
 	fi
 	@touch $@
 
@@ -35,7 +36,7 @@ $(VENV)/.requirements-ok: tools/requirements.txt
 
 test: setup
 	MOELLAVA_REQUIRE_PYTHON=1 $(CARGO_TEST)
-	$(MAKE) --no-print-directory golden-check fuzz-check python-test
+	$(MAKE) --no-print-directory golden-check fuzz-check python-test serve-test
 
 # The Python package: a wheel built by maturin (dev profile: the tests use tiny models), installed into
 # the venv and tested against the CLI; then installed into a fresh venv to prove the wheel stands alone.
@@ -51,6 +52,12 @@ python-test: setup
 	python3 -m venv $(BUILD)/fresh-venv
 	$(BUILD)/fresh-venv/bin/pip install -q --disable-pip-version-check $(WHEELS)/moellava-*.whl
 	cd /tmp && $(abspath $(BUILD))/fresh-venv/bin/python -c 'import moellava; print("fresh venv: moellava", moellava.__version__, "imports")'
+
+# `moellava serve` against the official openai client, malformed requests, a bounded load test and the
+# page in headless Chromium (screenshot: build/serve-page.png).
+serve-test: setup
+	$(CARGO_TEST) --no-run --quiet
+	cd tests/serve && MOELLAVA_BIN=$(abspath target/debug/moellava) $(PY) -m pytest -q -p no:cacheprovider .
 
 # The quant golden files must be exactly what the pinned gguf-py writes today.
 golden-check: setup

@@ -99,7 +99,8 @@ pub struct JobSpec {
 /// Parses and checks a request body against `template` and `limits` (images are decoded here).
 pub fn parse(body: &[u8], template: &ChatTemplate, limits: &Limits) -> Result<JobSpec, ApiError> {
     let req: ChatRequest = serde_json::from_slice(body).map_err(|e| {
-        let what = if e.is_syntax() || e.is_eof() { "the body is not valid JSON" } else { "the request does not fit the chat schema" };
+        let what =
+            if e.is_syntax() || e.is_eof() { "the body is not valid JSON" } else { "the request does not fit the chat schema" };
         ApiError::invalid(None, format!("{what}: {e}"))
     })?;
     if req.n.is_some_and(|n| n != 1) {
@@ -237,7 +238,8 @@ fn data_url_image(url: &str, limits: &Limits) -> Result<Rgb8, ApiError> {
     let refuse = |m: String| ApiError::invalid(None, m);
     if url.starts_with("http://") || url.starts_with("https://") {
         return Err(refuse(
-            "remote image URLs are refused: the server fetches nothing; send the image inline as a data:image/...;base64, URL".into(),
+            "remote image URLs are refused: the server fetches nothing; send the image inline as a data:image/...;base64, URL"
+                .into(),
         )
         .with_code("remote_image_refused"));
     }
@@ -263,8 +265,12 @@ fn data_url_image(url: &str, limits: &Limits) -> Result<Rgb8, ApiError> {
         .decode(payload.trim())
         .map_err(|e| refuse(format!("the image's base64 does not decode: {e}")).with_code("invalid_base64"))?;
     if bytes.len() > limits.max_image_bytes {
-        return Err(refuse(format!("the image is {} bytes, over the {}-byte limit (--max-image-bytes)", bytes.len(), limits.max_image_bytes))
-            .with_code("image_too_large"));
+        return Err(refuse(format!(
+            "the image is {} bytes, over the {}-byte limit (--max-image-bytes)",
+            bytes.len(),
+            limits.max_image_bytes
+        ))
+        .with_code("image_too_large"));
     }
     image::decode_limited(&bytes, "image_url", limits.max_image_pixels)
         .map_err(|e| ApiError::from_runtime(&e).with_code("invalid_image"))

@@ -43,7 +43,8 @@ pub fn serve(model: Model, model_id: String, o: ServeOptions) -> anyhow::Result<
     rt.block_on(async move {
         let model = Arc::new(model);
         let metrics = Arc::new(metrics::Metrics::default());
-        let queue = scheduler::start(model.clone(), o.max_queue, o.max_batch, metrics.clone()).context("starting the scheduler")?;
+        let queue =
+            scheduler::start(model.clone(), o.max_queue, o.max_batch, metrics.clone()).context("starting the scheduler")?;
         let app = Arc::new(routes::App::new(queue, metrics, model, model_id.clone(), o.api_key.clone(), o.limits.clone()));
         let listener = tokio::net::TcpListener::bind((o.host.as_str(), o.port))
             .await

@@ -78,7 +78,8 @@ impl Metrics {
         let _ = writeln!(s, "# HELP moellava_requests_total Chat completion requests by outcome.");
         let _ = writeln!(s, "# TYPE moellava_requests_total counter");
         for (o, name) in OUTCOMES {
-            let _ = writeln!(s, "moellava_requests_total{{model=\"{model}\",outcome=\"{name}\"}} {}", g(&self.outcomes[o as usize]));
+            let _ =
+                writeln!(s, "moellava_requests_total{{model=\"{model}\",outcome=\"{name}\"}} {}", g(&self.outcomes[o as usize]));
         }
         for (name, help, kind, v) in [
             ("moellava_queue_depth", "Requests waiting for a batch slot.", "gauge", g(&self.queued) as f64),
@@ -105,8 +106,16 @@ impl Metrics {
         let _ = writeln!(s, "moellava_ttft_seconds_count{{model=\"{model}\"}} {}", h.n);
         if let Some(r) = cache {
             for (name, help, v) in [
-                ("moellava_expert_cache_hits_total", "Routed experts found resident (or loading by prefetch).", r.total.hits + r.total.prefetch_hits),
-                ("moellava_expert_cache_misses_total", "Routed experts read from the file while the forward waited.", r.total.misses),
+                (
+                    "moellava_expert_cache_hits_total",
+                    "Routed experts found resident (or loading by prefetch).",
+                    r.total.hits + r.total.prefetch_hits,
+                ),
+                (
+                    "moellava_expert_cache_misses_total",
+                    "Routed experts read from the file while the forward waited.",
+                    r.total.misses,
+                ),
             ] {
                 let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{model=\"{model}\"}} {v}");
             }

@@ -41,7 +41,14 @@ pub struct App {
 
 impl App {
     #[allow(clippy::too_many_arguments)]
-    pub fn new(queue: Queue, metrics: Arc<Metrics>, model: Arc<Model>, model_id: String, api_key: Option<String>, limits: Limits) -> App {
+    pub fn new(
+        queue: Queue,
+        metrics: Arc<Metrics>,
+        model: Arc<Model>,
+        model_id: String,
+        api_key: Option<String>,
+        limits: Limits,
+    ) -> App {
         let template = model.config.chat.clone();
         App { queue, metrics, model, model_id, created: unix_now(), api_key, limits, template, next_id: AtomicU64::new(1) }
     }
@@ -212,9 +219,18 @@ impl Reply {
             if tx.send(chunk(json!({ "role": "assistant", "content": "" }), None)).await.is_err() {
                 return;
             }
+            // The answer's leading whitespace is dropped, as from the whole answer.
+            let mut started = false;
             while let Some(ev) = rx.recv().await {
                 let sent = match ev {
-                    Event::Text(t) => tx.send(chunk(json!({ "content": t }), None)).await,
+                    Event::Text(t) => {
+                        let t = if started { t.as_str() } else { t.trim_start() };
+                        if t.is_empty() {
+                            continue;
+                        }
+                        started = true;
+                        tx.send(chunk(json!({ "content": t }), None)).await
+                    }
                     Event::Done { finish_reason, completion_tokens, .. } => {
                         let _ = tx.send(chunk(json!({}), Some(finish_reason))).await;
                         if include_usage {

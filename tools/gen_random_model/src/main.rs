@@ -109,6 +109,8 @@ fn tower_config(kind: TowerKind) -> TowerConfig {
         eps: if clip { 1e-5 } else { 1e-6 },
         hidden_act: if clip { "quick_gelu".into() } else { "gelu_pytorch_tanh".into() },
         mean: if clip { [0.481_454_66, 0.457_827_5, 0.408_210_73] } else { [0.5; 3] },
+        // CLIP's constants as its preprocessor config writes them (f32 rounds them as the reader does).
+        #[allow(clippy::excessive_precision)]
         std: if clip { [0.268_629_54, 0.261_302_58, 0.275_777_11] } else { [0.5; 3] },
     }
 }
