@@ -41,6 +41,8 @@ pub struct ChatRequest {
     /// Extensions (llama.cpp's server takes the same names).
     pub top_k: Option<usize>,
     pub repetition_penalty: Option<f32>,
+    /// Extension (llama.cpp's name): generate `max_tokens` tokens whatever they are (benchmarks).
+    pub ignore_eos: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -133,7 +135,7 @@ pub fn parse(body: &[u8], template: &ChatTemplate, limits: &Limits) -> Result<Jo
     Ok(JobSpec {
         prompt,
         image,
-        options: GenerateOptions { sampling, ..GenerateOptions::default() },
+        options: GenerateOptions { sampling, ignore_eos: req.ignore_eos.unwrap_or(false), ..GenerateOptions::default() },
         max_tokens,
         stops,
         stream: req.stream.unwrap_or(false),

@@ -34,6 +34,10 @@ pub struct BenchArgs {
     /// Prompt lengths of the prefill measurement.
     #[arg(short = 'p', long = "prompt-lengths", default_value = "128,512", value_delimiter = ',', value_name = "P")]
     pub prompts: Vec<usize>,
+    /// Also measure the aggregate decode tok/s of this many sequences decoded together in one step
+    /// (what `moellava serve` does for concurrent requests), e.g. --batch 1,4,8.
+    #[arg(long, value_delimiter = ',', value_name = "B")]
+    pub batch: Vec<usize>,
     /// Tokens decoded in the decode measurement.
     #[arg(short = 'n', long = "decode-tokens", default_value_t = 32, value_name = "N")]
     pub decode: usize,
@@ -103,6 +107,30 @@ fn ours_decode(m: &Model, n: usize) -> Result<(f64, Vec<Vec<[usize; 2]>>)> {
     Ok((n as f64 / t.elapsed().as_secs_f64(), routes))
 }
 
+/// Aggregate decode tok/s of `b` sequences decoded together (`Model::decode_rows`, what `serve` runs
+/// per step): each prefilled with its own 16-token prompt, then `n` steps of `b` tokens.
+fn ours_decode_batch(m: &Model, b: usize, n: usize) -> Result<f64> {
+    let be = &m.backend;
+    let vocab = m.config.llm.n_vocab;
+    let mut caches = Vec::new();
+    let mut next = Vec::new();
+    for s in 0..b {
+        let ids: Vec<u32> = prompt_ids(16 + s, vocab).into_iter().skip(s).collect();
+        let mut cache = m.new_kv_cache(16 + n);
+        let logits = m.forward(m.llm.embed(be, &ids)?, &mut cache, &mut Gating::Deterministic, &mut Trace::default())?;
+        next.push(moellava_runtime::sampler::argmax(&logits));
+        caches.push(cache);
+    }
+    let t = Instant::now();
+    for _ in 0..n {
+        let mut refs: Vec<_> = caches.iter_mut().collect();
+        let all = m.decode_rows(&next, &mut refs)?;
+        next = all.iter().map(|l| moellava_runtime::sampler::argmax(l)).collect();
+    }
+    m.end_sequence()?;
+    Ok((b * n) as f64 / t.elapsed().as_secs_f64())
+}
+
 fn peer_prefill(p: &LlamaModel, ids: &[u32], threads: usize) -> Result<f64> {
     let mut ctx = LlamaContext::new(p, ids.len() + 8, ids.len(), threads)?;
     let t = Instant::now();
@@ -152,8 +180,8 @@ fn test_image() -> moellava_runtime::image::Rgb8 {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
-    if a.reps == 0 || a.prompts.is_empty() || a.prompts.contains(&0) {
-        bail!("-r must be ≥ 1 and -p a list of positive prompt lengths");
+    if a.reps == 0 || a.prompts.is_empty() || a.prompts.contains(&0) || a.batch.contains(&0) {
+        bail!("-r must be ≥ 1, -p a list of positive prompt lengths and --batch of positive sequence counts");
     }
     let (model, load_s) = a.model.load()?;
     let threads = rayon::current_num_threads();
@@ -195,6 +223,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         push(&mut ours, "decode_tok_s".into(), d);
         if let Some((_, pm, _)) = &peer {
             push(&mut theirs, "decode_tok_s".into(), peer_decode(pm, a.decode, threads)?);
+        }
+        for &b in &a.batch {
+            push(&mut ours, format!("decode_batch_{b}_tok_s"), ours_decode_batch(&model, b, a.decode)?);
         }
         if model.vision.is_some() {
             let be = &model.backend;
