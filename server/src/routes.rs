@@ -40,7 +40,6 @@ pub struct App {
 }
 
 impl App {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         queue: Queue,
         metrics: Arc<Metrics>,
