@@ -22,6 +22,8 @@ pub enum RuntimeError {
     Tokenizer(#[from] crate::tokenizer::TokenizerError),
     #[error("kernel: {0}")]
     Kernel(#[from] moellava_kernels::QuantError),
+    #[error("GPU: {0}")]
+    Gpu(String),
     #[error("generation cancelled")]
     Cancelled,
 }

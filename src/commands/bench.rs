@@ -14,7 +14,9 @@ use moellava_runtime::tensor_class::TensorClass;
 use moellava_runtime::Model;
 use serde_json::json;
 
-use super::options::ModelArgs;
+use super::options::{Device, ModelArgs};
+use moellava_runtime::backend::cuda::CudaBackend;
+use moellava_runtime::backend::Backend;
 
 /// Measure speed and memory: prefill tokens/s at each prompt length, decode tokens/s over -n tokens
 /// after a 16-token prompt, image encoding time, time to first token with one image, peak RSS, the
@@ -78,7 +80,7 @@ fn prompt_ids(n: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|i| (256 + (i * 7919 + 13) % span) as u32).collect()
 }
 
-fn ours_prefill(m: &Model, ids: &[u32]) -> Result<f64> {
+fn ours_prefill<B: Backend>(m: &Model<B>, ids: &[u32]) -> Result<f64> {
     let be = &m.backend;
     let x = m.llm.embed(be, ids)?;
     let mut cache = m.new_kv_cache(ids.len());
@@ -89,7 +91,7 @@ fn ours_prefill(m: &Model, ids: &[u32]) -> Result<f64> {
 }
 
 /// Decode tok/s, and the experts each MoE layer used per token (for bytes per token).
-fn ours_decode(m: &Model, n: usize) -> Result<(f64, Vec<Vec<[usize; 2]>>)> {
+fn ours_decode<B: Backend>(m: &Model<B>, n: usize) -> Result<(f64, Vec<Vec<[usize; 2]>>)> {
     let be = &m.backend;
     let mut cache = m.new_kv_cache(16 + n);
     let vocab = m.config.llm.n_vocab;
@@ -109,7 +111,7 @@ fn ours_decode(m: &Model, n: usize) -> Result<(f64, Vec<Vec<[usize; 2]>>)> {
 
 /// Aggregate decode tok/s of `b` sequences decoded together (`Model::decode_rows`, what `serve` runs
 /// per step): each prefilled with its own 16-token prompt, then `n` steps of `b` tokens.
-fn ours_decode_batch(m: &Model, b: usize, n: usize) -> Result<f64> {
+fn ours_decode_batch<B: Backend>(m: &Model<B>, b: usize, n: usize) -> Result<f64> {
     let be = &m.backend;
     let vocab = m.config.llm.n_vocab;
     let mut caches = Vec::new();
@@ -152,7 +154,7 @@ fn peer_decode(p: &LlamaModel, n: usize, threads: usize) -> Result<f64> {
 
 /// Bytes of weights a decoded token reads: every language-model tensor once (one embedding row),
 /// plus, per MoE layer, the experts it routed to (mean over the measured tokens).
-fn bytes_per_token(m: &Model, routes: &[Vec<[usize; 2]>]) -> f64 {
+fn bytes_per_token<B: Backend>(m: &Model<B>, routes: &[Vec<[usize; 2]>]) -> f64 {
     let meta = &m.file.meta;
     let mut dense = 0u64;
     let mut expert_layer_bytes = Vec::new();
@@ -183,7 +185,34 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.reps == 0 || a.prompts.is_empty() || a.prompts.contains(&0) || a.batch.contains(&0) {
         bail!("-r must be ≥ 1, -p a list of positive prompt lengths and --batch of positive sequence counts");
     }
-    let (model, load_s) = a.model.load()?;
+    match a.model.device()? {
+        Device::Cpu => {
+            let loaded = a.model.load_on(moellava_runtime::backend::cpu::CpuBackend)?;
+            bench_on(&a, loaded, |_| Vec::new())
+        }
+        Device::Cuda(be) => {
+            let loaded = a.model.load_on(*be)?;
+            bench_on(&a, loaded, gpu_metrics)
+        }
+    }
+}
+
+/// What only a GPU run reports: device memory in use (driver's count, after the runs), weights
+/// uploaded, and device-to-device copy bandwidth (the HBM roofline).
+fn gpu_metrics(m: &Model<CudaBackend>) -> Vec<(String, f64)> {
+    let be = &m.backend;
+    let mut out = vec![("gpu_weight_bytes".to_string(), be.resident_weight_bytes() as f64)];
+    if let Ok((free, total)) = be.mem_info() {
+        out.push(("gpu_mem_used_bytes".into(), (total - free) as f64));
+    }
+    if let Ok(bw) = be.copy_bandwidth_gb_s(1 << 30) {
+        out.push(("gpu_bandwidth_gb_s".into(), bw));
+    }
+    out
+}
+
+fn bench_on<B: Backend>(a: &BenchArgs, (model, load_s): (Model<B>, f64), device_metrics: fn(&Model<B>) -> Vec<(String, f64)>) -> Result<()> {
+    let device = model.backend.name();
     let threads = rayon::current_num_threads();
     let vocab = model.config.llm.n_vocab;
     let peer = match a.peer.as_deref() {
@@ -232,18 +261,23 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let t = Instant::now();
             let px = model.pixel_values(&image)?;
             let (_, e) = model.vision.as_ref().map(|v| v.encode(be, &px)).transpose()?.context("tower")?;
+            drop(be.to_host(&e)); // waits for a device's queued work
             push(&mut ours, "image_encode_s".into(), t.elapsed().as_secs_f64());
-            drop(e);
             let t = Instant::now();
             let input = model.prepare(&model.question_prompt("What is in the picture?", true), Some(&image))?;
-            let mut cache = model.new_kv_cache(input.embeds.rows());
+            let mut cache = model.new_kv_cache(be.shape(&input.embeds).0);
             model.forward(input.embeds, &mut cache, &mut Gating::Deterministic, &mut Trace::default())?;
             model.end_sequence()?;
             push(&mut ours, "ttft_image_s".into(), t.elapsed().as_secs_f64());
         }
         push(&mut ours, "bandwidth_gb_s".into(), moellava_kernels::cpu::bandwidth::read_gb_s(1 << 29));
+        for (name, v) in device_metrics(&model) {
+            push(&mut ours, name, v);
+        }
     }
-    let bw = ours.iter().find(|(n, _)| n == "bandwidth_gb_s").map_or(0.0, |(_, s)| s.mean());
+    // The roofline is the memory the weights stream from: HBM on a GPU, RAM on the CPU.
+    let bw_metric = if device == "cuda" { "gpu_bandwidth_gb_s" } else { "bandwidth_gb_s" };
+    let bw = ours.iter().find(|(n, _)| n == bw_metric).map_or(0.0, |(_, s)| s.mean());
     let dec = ours.iter().find(|(n, _)| n == "decode_tok_s").map_or(0.0, |(_, s)| s.mean());
     let mut metrics = Vec::new();
     for (name, s) in &ours {
@@ -265,6 +299,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "moe": model.config.moe.is_some(),
         "quant": plan,
         "threads": threads,
+        "device": device,
         "kv_cache": model.kv_type,
         "repetitions": a.reps,
         "peer": peer.as_ref().map(|(p, _, _)| json!({"name": "llama.cpp", "model": p, "same_file": *p == a.model.model})),

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use moellava_runtime::backend::KvType;
+use moellava_runtime::backend::cuda::CudaBackend;
+use moellava_runtime::backend::{Backend, KvType};
 use moellava_runtime::experts::{Budget, Policy};
 use moellava_runtime::sampler::SamplingOptions;
 use moellava_runtime::{GatingMode, GenerateOptions, Model};
@@ -22,9 +23,21 @@ pub struct ModelArgs {
     /// (reference precision), f16 otherwise.
     #[arg(long, value_name = "TYPE")]
     pub kv_cache: Option<String>,
+    /// Where to compute: `cpu`, `cuda` (GPU 0), `cuda:N` (GPU N), or `auto`: the first GPU when a
+    /// CUDA driver, a device and NVRTC (CUDA toolkit, or `pip install nvidia-cuda-nvrtc-cu12`) are
+    /// found, else the CPU. Commands other than `run` and `bench` compute on the CPU.
+    #[arg(long, default_value = "auto", value_name = "DEVICE")]
+    pub device: String,
     #[command(flatten)]
     pub experts: ExpertArgs,
 }
+
+/// The backend `--device` chose.
+pub enum Device {
+    Cpu,
+    Cuda(Box<CudaBackend>),
+}
+
 
 /// Expert residency: how many experts stay in RAM, which are evicted, and what is recorded.
 #[derive(Args, Clone, Debug, Default)]
@@ -54,7 +67,7 @@ pub struct ExpertArgs {
 
 impl ExpertArgs {
     /// Sets up the cache and the route trace on a loaded model.
-    pub fn apply(&self, model: &mut Model, path: &std::path::Path) -> Result<()> {
+    pub fn apply<B: Backend>(&self, model: &mut Model<B>, path: &std::path::Path) -> Result<()> {
         let policy: Policy = self.expert_policy.parse().map_err(|e: String| anyhow::anyhow!("--expert-policy: {e}"))?;
         match &self.expert_ram {
             Some(b) => {
@@ -72,7 +85,7 @@ impl ExpertArgs {
     }
 
     /// `--verbose`: the cache's counters on stderr.
-    pub fn print_report(&self, model: &Model) {
+    pub fn print_report<B: Backend>(&self, model: &Model<B>) {
         if self.verbose {
             match model.expert_cache_report() {
                 Some(r) => eprintln!("{}", r.summary()),
@@ -83,8 +96,42 @@ impl ExpertArgs {
 }
 
 impl ModelArgs {
-    /// Sets up the thread pool and loads the model; returns it with the load time in seconds.
+    /// Opens the device `--device` names; `auto` falls back to the CPU (saying why on stderr when a
+    /// CUDA driver is present but the GPU cannot be used).
+    pub fn device(&self) -> Result<Device> {
+        let (want, ordinal) = match self.device.as_str() {
+            "cpu" => return Ok(Device::Cpu),
+            "auto" => (false, 0),
+            "cuda" => (true, 0),
+            other => match other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+                Some(n) => (true, n),
+                None => bail!("--device: unknown device `{other}` (expected cpu, cuda, cuda:N or auto)"),
+            },
+        };
+        if !want && !moellava_kernels::cuda::device::driver_present() {
+            return Ok(Device::Cpu);
+        }
+        match CudaBackend::open(ordinal) {
+            Ok(b) => Ok(Device::Cuda(Box::new(b))),
+            Err(e) if want => Err(anyhow::anyhow!("--device {}: {e}", self.device)),
+            Err(e) => {
+                eprintln!("--device auto: not using the GPU ({e}); computing on the CPU");
+                Ok(Device::Cpu)
+            }
+        }
+    }
+
+    /// Sets up the thread pool and loads the model on the CPU (commands without a GPU path); an
+    /// explicit `--device cuda` is refused with the reason.
     pub fn load(&self) -> Result<(Model, f64)> {
+        if self.device != "cpu" && self.device != "auto" {
+            bail!("--device {}: this command computes on the CPU only so far (use --device cpu or auto)", self.device);
+        }
+        self.load_on(moellava_runtime::backend::cpu::CpuBackend)
+    }
+
+    /// [`Self::load`] on a given backend.
+    pub fn load_on<B: Backend>(&self, backend: B) -> Result<(Model<B>, f64)> {
         if let Some(n) = self.threads {
             if n == 0 {
                 bail!("--threads must be at least 1");
@@ -94,7 +141,8 @@ impl ModelArgs {
         let t0 = std::time::Instant::now();
         let kv_type: Option<KvType> =
             self.kv_cache.as_deref().map(str::parse).transpose().map_err(|e: String| anyhow::anyhow!("--kv-cache: {e}"))?;
-        let mut model = Model::load(&self.model).with_context(|| format!("loading {}", self.model.display()))?;
+        let mut model =
+            Model::load_with(&self.model, backend).with_context(|| format!("loading {}", self.model.display()))?;
         if let Some(t) = kv_type {
             model.kv_type = t;
         }

@@ -214,6 +214,7 @@ fn required(r: &PopeRunArgs) -> Result<RunPaths> {
             model: r.model.clone().unwrap_or_default(),
             threads: r.threads,
             kv_cache: r.kv_cache.clone(),
+            device: "cpu".into(),
             experts: r.experts.clone(),
         },
         question_file: r.question_file.clone().unwrap_or_default(),

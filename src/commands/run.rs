@@ -8,7 +8,9 @@ use clap::Args;
 use moellava_runtime::sysinfo::{peak_rss_bytes, rss_split_bytes};
 use serde_json::json;
 
-use super::options::{GenArgs, ModelArgs};
+use super::options::{Device, GenArgs, ModelArgs};
+use moellava_runtime::backend::Backend;
+use moellava_runtime::Model;
 
 /// Answer a question about an image (or a text-only prompt) with a converted model.
 ///
@@ -49,9 +51,22 @@ pub struct RunArgs {
 }
 
 pub fn run(a: RunArgs) -> Result<()> {
+    match a.model.device()? {
+        Device::Cpu => {
+            let loaded = a.model.load_on(moellava_runtime::backend::cpu::CpuBackend)?;
+            run_on(&a, loaded, "cpu".into())
+        }
+        Device::Cuda(be) => {
+            let name = format!("cuda ({})", be.describe());
+            let loaded = a.model.load_on(*be)?;
+            run_on(&a, loaded, name)
+        }
+    }
+}
+
+fn run_on<B: Backend>(a: &RunArgs, (model, load_s): (Model<B>, f64), device: String) -> Result<()> {
     let opts = a.gen.options()?;
     let image = a.image.as_ref().map(|p| moellava_runtime::image::load(p)).transpose()?;
-    let (model, load_s) = a.model.load()?;
     let stdout = std::io::stdout();
     let answer = model.answer(image.as_ref(), &a.prompt, a.raw_prompt, &opts, &mut |piece| {
         if !a.json {
@@ -89,6 +104,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             "routing": answer.routing,
             "gating": a.gen.gating,
             "kv_cache": model.kv_type,
+            "device": device,
             "expert_cache": model.expert_cache_report(),
         });
         println!("{}", serde_json::to_string_pretty(&obj)?);

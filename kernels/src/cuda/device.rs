@@ -76,6 +76,31 @@ pub enum KvBuf {
     F16(CudaSlice<u16>),
 }
 
+impl KvBuf {
+    pub fn as_ref(&self) -> KvRef<'_> {
+        match self {
+            KvBuf::F32(s) => KvRef::F32(s),
+            KvBuf::F16(s) => KvRef::F16(s),
+        }
+    }
+}
+
+/// Borrowed keys or values: cache rows, or a prompt's own (f32) k and v.
+#[derive(Clone, Copy)]
+pub enum KvRef<'a> {
+    F32(&'a CudaSlice<f32>),
+    F16(&'a CudaSlice<u16>),
+}
+
+impl KvRef<'_> {
+    fn len(&self) -> usize {
+        match self {
+            KvRef::F32(s) => s.len(),
+            KvRef::F16(s) => s.len(),
+        }
+    }
+}
+
 pub struct DevKv {
     pub buf: KvBuf,
     pub rows: usize,
@@ -167,10 +192,27 @@ impl Gpu {
         drv(self.stream.clone_dtod(x))
     }
 
-    /// `dst[at..at + src.len()] = src`.
-    pub fn copy_into(&self, src: &CudaSlice<f32>, dst: &mut CudaSlice<f32>, at: usize) -> Result<()> {
-        check(at + src.len() <= dst.len(), || format!("copy of {} values at {at} into {}", src.len(), dst.len()))?;
-        drv(self.stream.memcpy_dtod(src, &mut dst.slice_mut(at..at + src.len())))
+    /// `dst[at..at + n] = src[..n]`.
+    pub fn copy_into(&self, src: &CudaSlice<f32>, n: usize, dst: &mut CudaSlice<f32>, at: usize) -> Result<()> {
+        check(n <= src.len() && at + n <= dst.len(), || format!("copy of {n} of {} values at {at} into {}", src.len(), dst.len()))?;
+        drv(self.stream.memcpy_dtod(&src.slice(..n), &mut dst.slice_mut(at..at + n)))
+    }
+
+    /// Device-to-device copy bandwidth in GB/s (bytes read + written per second) over `bytes`-sized
+    /// buffers, best of 5 copies: the HBM roofline that decode is compared with.
+    pub fn copy_bandwidth_gb_s(&self, bytes: usize) -> Result<f64> {
+        let n = bytes / 4;
+        let src = self.zeros::<f32>(n)?;
+        let mut dst = self.zeros::<f32>(n)?;
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            self.synchronize()?;
+            let t = std::time::Instant::now();
+            drv(self.stream.memcpy_dtod(&src, &mut dst))?;
+            self.synchronize()?;
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        Ok(2.0 * (n * 4) as f64 / best / 1e9)
     }
 
     pub fn synchronize(&self) -> Result<()> {
@@ -462,10 +504,15 @@ impl Gpu {
         Ok(DevKv { buf, rows: 0, cols, capacity: capacity.max(1) })
     }
 
-    /// Appends the rows of `src` (`[r, cols]` f32), growing the buffer (doubling) when full.
-    pub fn kv_append(&self, kv: &mut DevKv, src: &CudaSlice<f32>) -> Result<()> {
-        check(src.len() % kv.cols.max(1) == 0, || format!("KV append of {} values to width {}", src.len(), kv.cols))?;
-        let add = src.len() / kv.cols.max(1);
+    /// Appends the first `n` values of `src` (rows `[n / cols, cols]` f32), growing the buffer
+    /// (doubling) when full.
+    pub fn kv_append(&self, kv: &mut DevKv, src: &CudaSlice<f32>, n: usize) -> Result<()> {
+        check(n <= src.len() && n % kv.cols.max(1) == 0, || format!("KV append of {n} values to width {}", kv.cols))?;
+        if n == 0 {
+            return Ok(());
+        }
+        let src = src.slice(..n);
+        let add = n / kv.cols.max(1);
         if kv.rows + add > kv.capacity {
             let capacity = (kv.rows + add).max(2 * kv.capacity);
             let used = kv.rows * kv.cols;
@@ -489,13 +536,13 @@ impl Gpu {
         }
         let at = kv.rows * kv.cols;
         match &mut kv.buf {
-            KvBuf::F32(d) => drv(self.stream.memcpy_dtod(src, &mut d.slice_mut(at..at + src.len())))?,
+            KvBuf::F32(d) => drv(self.stream.memcpy_dtod(&src, &mut d.slice_mut(at..at + n)))?,
             KvBuf::F16(d) => {
-                let n = src.len() as i64;
-                let mut dst = d.slice_mut(at..at + src.len());
-                // SAFETY: dst is a view of exactly n values; src holds n values.
+                let n64 = n as i64;
+                let mut dst = d.slice_mut(at..at + n);
+                // SAFETY: dst is a view of exactly n values; src a view of n values.
                 launched(unsafe {
-                    self.stream.launch_builder(self.f("f32_to_f16")).arg(src).arg(&mut dst).arg(&n).launch(grid_1d(n as usize))
+                    self.stream.launch_builder(self.f("f32_to_f16")).arg(&src).arg(&mut dst).arg(&n64).launch(grid_1d(n))
                 })?;
             }
         }
@@ -505,53 +552,37 @@ impl Gpu {
 
     /// Attention of q `[T, n_head·hd]` over the first `p` rows of k and v (see attention.cu).
     #[allow(clippy::too_many_arguments)]
-    pub fn attention(
-        &self,
-        q: &CudaSlice<f32>,
-        k: &KvBuf,
-        v: &KvBuf,
-        p: usize,
-        n_head: usize,
-        n_kv: usize,
-        hd: usize,
-        first_pos: usize,
-        causal: bool,
-        scale: f32,
-    ) -> Result<CudaSlice<f32>> {
+    pub fn attention(&self, q: &CudaSlice<f32>, k: KvRef<'_>, v: KvRef<'_>, p: usize, n_head: usize, n_kv: usize, hd: usize, first_pos: usize, causal: bool, scale: f32) -> Result<CudaSlice<f32>> {
         let t = q.len() / (n_head * hd).max(1);
         check(p <= MAX_ATTENTION_KEYS && hd <= 256 && n_kv > 0 && n_head % n_kv == 0, || {
             format!("attention over {p} keys (at most {MAX_ATTENTION_KEYS}), head dim {hd} (at most 256), {n_head} heads / {n_kv} KV heads")
         })?;
-        let kv_len = |b: &KvBuf| match b {
-            KvBuf::F32(s) => s.len(),
-            KvBuf::F16(s) => s.len(),
-        };
-        check(kv_len(k) >= p * n_kv * hd && kv_len(v) >= p * n_kv * hd, || format!("attention: KV shorter than {p} rows"))?;
+        check(k.len() >= p * n_kv * hd && v.len() >= p * n_kv * hd, || format!("attention: KV shorter than {p} rows"))?;
         let mut out = self.zeros::<f32>(t * n_head * hd)?;
-        let cfg = LaunchConfig {
-            grid_dim: (n_head as u32, t.max(1) as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: ((hd + 32 + p) * 4) as u32,
-        };
+        if t == 0 {
+            return Ok(out);
+        }
+        let cfg = LaunchConfig { grid_dim: (n_head as u32, t as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: ((hd + 32 + p) * 4) as u32 };
         let args = [p, n_head, n_kv, hd, first_pos].map(|v| v as i32);
         let causal = causal as i32;
-        let (name, mut launch) = match (k, v) {
-            (KvBuf::F32(_), KvBuf::F32(_)) => ("attention_f32", self.stream.launch_builder(self.f("attention_f32"))),
-            (KvBuf::F16(_), KvBuf::F16(_)) => ("attention_f16", self.stream.launch_builder(self.f("attention_f16"))),
+        let mut launch = match (k, v) {
+            (KvRef::F32(k), KvRef::F32(v)) => {
+                let mut l = self.stream.launch_builder(self.f("attention_f32"));
+                l.arg(q).arg(k).arg(v);
+                l
+            }
+            (KvRef::F16(k), KvRef::F16(v)) => {
+                let mut l = self.stream.launch_builder(self.f("attention_f16"));
+                l.arg(q).arg(k).arg(v);
+                l
+            }
             _ => return Err(GpuError::Shape("attention: K and V in different types".into())),
-        };
-        launch.arg(q);
-        match (k, v) {
-            (KvBuf::F32(k), KvBuf::F32(v)) => launch.arg(k).arg(v),
-            (KvBuf::F16(k), KvBuf::F16(v)) => launch.arg(k).arg(v),
-            _ => unreachable!("matched above"),
         };
         launch.arg(&mut out);
         for a in &args {
             launch.arg(a);
         }
         launch.arg(&causal).arg(&scale);
-        let _ = name;
         // SAFETY: q is [t, n_head·hd], k and v hold ≥ p rows of n_kv·hd (checked), out [t, n_head·hd];
         // shared memory hd + 32 + p floats as the kernel lays it out.
         launched(unsafe { launch.launch(cfg) })?;

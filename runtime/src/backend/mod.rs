@@ -2,9 +2,11 @@
 //! activation matrices `[rows, cols]` (f32) that live wherever the backend keeps them. Weights are
 //! views into the GGUF map ([`Weight`]); a device backend uploads them on first use.
 //!
-//! One implementation today: [`cpu::CpuBackend`] (ggml's quantized dot products + our own f32 ops).
+//! Two implementations: [`cpu::CpuBackend`] (ggml's quantized dot products + our own f32 ops) and
+//! [`cuda::CudaBackend`] (our CUDA kernels; needs a GPU at run time, nothing at build time).
 
 pub mod cpu;
+pub mod cuda;
 
 pub use moellava_kernels::cpu::attention::AttnShape;
 pub use moellava_kernels::cpu::Activation;

@@ -1,0 +1,347 @@
+//! The CUDA backend: activations live in device memory; weights are uploaded in their own ggml type on
+//! first use and stay resident; every op is one of our kernels (kernels/cuda/*.cu, launched through
+//! `moellava_kernels::cuda::device::Gpu`).
+//!
+//! Errors: the ops of the [`Backend`] trait that return no `Result` (norms, element-wise ops) record
+//! the first device error; the next call that returns a `Result` (`matmul`, `embed`) reports it, so a
+//! failed launch never goes unnoticed and never panics.
+//!
+//! Not yet here (issue 8): the VRAM expert tier with a byte budget (today every expert a prompt routes
+//! to is uploaded and kept), tensor-core prefill. Experts held by the RAM expert cache (`--expert-ram`)
+//! are uploaded for each use.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::CudaSlice;
+use moellava_kernels::cpu::{self, Activation};
+use moellava_kernels::cuda::device::{DevKv, DevWeight, Gpu, GpuError, KvRef};
+
+use super::{AttnShape, Backend, KvType};
+use crate::error::{Result, RuntimeError};
+use crate::model::weights::Weight;
+
+/// `[rows, cols]` f32 in device memory; clones share the buffer until one is written (copy on write).
+#[derive(Clone)]
+pub struct GpuMat {
+    buf: Arc<CudaSlice<f32>>,
+    rows: usize,
+    cols: usize,
+}
+
+pub struct CudaBackend {
+    gpu: Gpu,
+    /// Weights mapped from the file, by (address, length) of their bytes: stable for the map's life.
+    weights: Mutex<HashMap<(usize, usize), Arc<DevWeight>>>,
+    /// Bias and norm vectors by (address, length), with a checksum of their values (a freed and
+    /// reused address must not return stale values).
+    vectors: Mutex<HashMap<(usize, usize), (u64, Arc<CudaSlice<f32>>)>>,
+    error: Mutex<Option<GpuError>>,
+    /// A one-value buffer standing in for a matrix whose own could not be made (after an error).
+    null: Arc<CudaSlice<f32>>,
+}
+
+impl From<GpuError> for RuntimeError {
+    fn from(e: GpuError) -> RuntimeError {
+        RuntimeError::Gpu(e.to_string())
+    }
+}
+
+fn checksum(v: &[f32]) -> u64 {
+    v.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, x| (h ^ x.to_bits() as u64).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal` and prepares the kernels (compiled by NVRTC, or read from the PTX cache).
+    pub fn open(ordinal: usize) -> Result<CudaBackend> {
+        let gpu = Gpu::open(ordinal)?;
+        let null = Arc::new(gpu.zeros::<f32>(1)?);
+        Ok(CudaBackend { gpu, weights: Mutex::default(), vectors: Mutex::default(), error: Mutex::default(), null })
+    }
+
+    /// The device's name and compute capability ("NVIDIA H100 80GB HBM3, sm_90").
+    pub fn describe(&self) -> String {
+        format!("{}, sm_{}", self.gpu.name, self.gpu.arch)
+    }
+
+    /// Bytes of device memory (free, total).
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        Ok(self.gpu.mem_info()?)
+    }
+
+    /// Device copy bandwidth (GB/s read + written), the roofline for decode.
+    pub fn copy_bandwidth_gb_s(&self, bytes: usize) -> Result<f64> {
+        Ok(self.gpu.copy_bandwidth_gb_s(bytes)?)
+    }
+
+    /// Bytes of weights uploaded so far.
+    pub fn resident_weight_bytes(&self) -> usize {
+        self.weights.lock().map(|w| w.values().map(|d| d.bytes.len()).sum()).unwrap_or(0)
+    }
+
+    fn record(&self, r: std::result::Result<(), GpuError>) {
+        if let Err(e) = r {
+            if let Ok(mut slot) = self.error.lock() {
+                slot.get_or_insert(e);
+            }
+        }
+    }
+
+    /// The first error recorded by an op that cannot return one.
+    fn pending(&self) -> Result<()> {
+        match self.error.lock().ok().and_then(|mut e| e.take()) {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+
+    fn weight(&self, w: &Weight) -> Result<Arc<DevWeight>> {
+        let upload = || self.gpu.upload_weight(w.bytes(), w.qtype, w.rows, w.cols).map(Arc::new);
+        if w.file_range().is_none() {
+            // A RAM expert-cache slot: its bytes change when the slot is reused.
+            return Ok(upload()?);
+        }
+        let key = (w.bytes().as_ptr() as usize, w.n_bytes());
+        if let Some(d) = self.weights.lock().expect("weight table").get(&key) {
+            return Ok(d.clone());
+        }
+        let d = upload()?;
+        self.weights.lock().expect("weight table").insert(key, d.clone());
+        Ok(d)
+    }
+
+    fn vector(&self, v: &[f32]) -> std::result::Result<Arc<CudaSlice<f32>>, GpuError> {
+        let key = (v.as_ptr() as usize, v.len());
+        let sum = checksum(v);
+        if let Some((s, d)) = self.vectors.lock().expect("vector table").get(&key) {
+            if *s == sum {
+                return Ok(d.clone());
+            }
+        }
+        let d = Arc::new(self.gpu.upload(v)?);
+        self.vectors.lock().expect("vector table").insert(key, (sum, d.clone()));
+        Ok(d)
+    }
+
+    fn mat(&self, buf: CudaSlice<f32>, rows: usize, cols: usize) -> GpuMat {
+        GpuMat { buf: Arc::new(buf), rows, cols }
+    }
+
+    /// Stands in for a result that could not be made: the error is recorded (and reported by the next
+    /// fallible call); later ops on this stand-in fail their size checks instead of touching memory.
+    fn failed(&self, e: GpuError, rows: usize, cols: usize) -> GpuMat {
+        self.record(Err(e));
+        GpuMat { buf: self.null.clone(), rows, cols }
+    }
+}
+
+fn kv_ref(kv: &DevKv) -> KvRef<'_> {
+    kv.buf.as_ref()
+}
+
+impl Backend for CudaBackend {
+    type Act = GpuMat;
+    type Kv = DevKv;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn from_host(&self, data: Vec<f32>, cols: usize) -> GpuMat {
+        let rows = data.len() / cols.max(1);
+        match if data.is_empty() { self.gpu.zeros::<f32>(1) } else { self.gpu.upload(&data) } {
+            Ok(b) => self.mat(b, rows, cols),
+            Err(e) => self.failed(e, rows, cols),
+        }
+    }
+
+    fn to_host(&self, x: &GpuMat) -> Vec<f32> {
+        match self.gpu.download(&x.buf) {
+            Ok(mut v) => {
+                v.truncate(x.rows * x.cols);
+                v
+            }
+            Err(e) => {
+                self.record(Err(e));
+                vec![0.0; x.rows * x.cols]
+            }
+        }
+    }
+
+    fn shape(&self, x: &GpuMat) -> (usize, usize) {
+        (x.rows, x.cols)
+    }
+
+    fn matmul(&self, x: &GpuMat, w: &Weight) -> Result<GpuMat> {
+        self.pending()?;
+        let d = self.weight(w)?;
+        Ok(self.mat(self.gpu.matmul(&d, &x.buf, x.rows)?, x.rows, w.rows))
+    }
+
+    fn matmul_per_row(&self, x: &GpuMat, w: &Weight) -> Result<GpuMat> {
+        self.pending()?;
+        let d = self.weight(w)?;
+        Ok(self.mat(self.gpu.matvec(&d, &x.buf, x.rows)?, x.rows, w.rows))
+    }
+
+    fn embed(&self, table: &Weight, ids: &[u32]) -> Result<GpuMat> {
+        self.pending()?;
+        // A few rows of the table: decoded on the host (ggml) and uploaded, rather than the whole
+        // vocabulary-sized table kept in VRAM for them.
+        let mut out = vec![0f32; ids.len() * table.cols];
+        cpu::get_rows(table.mat(), ids, &mut out)?;
+        Ok(self.from_host(out, table.cols))
+    }
+
+    fn add_bias(&self, x: &mut GpuMat, bias: &[f32]) {
+        if x.rows == 0 {
+            return;
+        }
+        let r = self.vector(bias).and_then(|b| self.gpu.add_bias(Arc::make_mut(&mut x.buf), &b));
+        self.record(r);
+    }
+
+    fn layer_norm(&self, x: &mut GpuMat, w: &[f32], b: Option<&[f32]>, eps: f32) {
+        if x.rows == 0 {
+            return;
+        }
+        let r = (|| {
+            let wd = self.vector(w)?;
+            let bd = b.map(|b| self.vector(b)).transpose()?;
+            self.gpu.layer_norm(Arc::make_mut(&mut x.buf), x.cols, &wd, bd.as_deref(), eps)
+        })();
+        self.record(r);
+    }
+
+    fn rms_norm(&self, x: &mut GpuMat, w: &[f32], eps: f32) {
+        if x.rows == 0 {
+            return;
+        }
+        let r = self.vector(w).and_then(|wd| self.gpu.rms_norm(Arc::make_mut(&mut x.buf), x.cols, &wd, eps));
+        self.record(r);
+    }
+
+    fn activate(&self, x: &mut GpuMat, a: Activation) {
+        if x.rows == 0 {
+            return;
+        }
+        let r = self.gpu.activate(Arc::make_mut(&mut x.buf), a);
+        self.record(r);
+    }
+
+    fn mul(&self, x: &mut GpuMat, y: &GpuMat) {
+        if x.rows == 0 {
+            return;
+        }
+        let r = self.gpu.mul(Arc::make_mut(&mut x.buf), &y.buf);
+        self.record(r);
+    }
+
+    fn add(&self, x: &mut GpuMat, y: &GpuMat) {
+        if x.rows == 0 {
+            return;
+        }
+        let r = self.gpu.add(Arc::make_mut(&mut x.buf), &y.buf);
+        self.record(r);
+    }
+
+    fn rope(&self, x: &mut GpuMat, n_head: usize, head_dim: usize, rot_dims: usize, positions: &[usize], base: f32) {
+        if x.rows == 0 {
+            return;
+        }
+        let r = self.gpu.rope_neox(Arc::make_mut(&mut x.buf), n_head, head_dim, rot_dims, positions, base);
+        self.record(r);
+    }
+
+    fn attention(&self, q: &GpuMat, k: &GpuMat, v: &GpuMat, s: AttnShape) -> GpuMat {
+        let cols = s.n_head * s.head_dim;
+        let r = self.gpu.attention(&q.buf, KvRef::F32(&k.buf), KvRef::F32(&v.buf), k.rows, s.n_head, s.n_kv_head, s.head_dim, s.first_pos, s.causal, s.scale);
+        match r {
+            Ok(b) => self.mat(b, q.rows, cols),
+            Err(e) => self.failed(e, q.rows, cols),
+        }
+    }
+
+    fn attention_cached(&self, q: &GpuMat, k: &DevKv, v: &DevKv, s: AttnShape) -> GpuMat {
+        let cols = s.n_head * s.head_dim;
+        let r = self.gpu.attention(&q.buf, kv_ref(k), kv_ref(v), k.rows, s.n_head, s.n_kv_head, s.head_dim, s.first_pos, s.causal, s.scale);
+        match r {
+            Ok(b) => self.mat(b, q.rows, cols),
+            Err(e) => self.failed(e, q.rows, cols),
+        }
+    }
+
+    fn split_cols(&self, x: &GpuMat, widths: &[usize]) -> Vec<GpuMat> {
+        let mut at = 0;
+        widths
+            .iter()
+            .map(|w| {
+                let r = self.gpu.copy_cols(&x.buf, x.cols, at, *w);
+                at += w;
+                match r {
+                    Ok(b) => self.mat(b, x.rows, *w),
+                    Err(e) => self.failed(e, x.rows, *w),
+                }
+            })
+            .collect()
+    }
+
+    fn gather_rows(&self, x: &GpuMat, rows: &[usize]) -> GpuMat {
+        match self.gpu.gather_rows(&x.buf, x.cols, rows) {
+            Ok(b) => self.mat(b, rows.len(), x.cols),
+            Err(e) => self.failed(e, rows.len(), x.cols),
+        }
+    }
+
+    fn scatter_add_rows(&self, dst: &mut GpuMat, src: &GpuMat, rows: &[usize], weights: &[f32]) {
+        if rows.is_empty() {
+            return;
+        }
+        let r = self.gpu.scatter_add_rows(Arc::make_mut(&mut dst.buf), dst.cols, &src.buf, rows, weights);
+        self.record(r);
+    }
+
+    fn concat_rows(&self, parts: &[&GpuMat]) -> GpuMat {
+        let cols = parts.first().map_or(0, |p| p.cols);
+        let rows: usize = parts.iter().map(|p| p.rows).sum();
+        let r = (|| {
+            let mut out = self.gpu.zeros::<f32>(rows * cols)?;
+            let mut at = 0;
+            for p in parts {
+                let n = p.rows * p.cols;
+                if n > 0 {
+                    self.gpu.copy_into(&p.buf, n, &mut out, at)?;
+                    at += n;
+                }
+            }
+            Ok(out)
+        })();
+        match r {
+            Ok(b) => self.mat(b, rows, cols),
+            Err(e) => self.failed(e, rows, cols),
+        }
+    }
+
+    fn kv_with_capacity(&self, cols: usize, ty: KvType, rows: usize) -> DevKv {
+        match self.gpu.kv_with_capacity(cols, ty == KvType::F16, rows) {
+            Ok(kv) => kv,
+            Err(e) => {
+                self.record(Err(e));
+                // A one-row cache; the recorded error stops the caller at its next matmul.
+                self.gpu.kv_with_capacity(cols, ty == KvType::F16, 1).expect("the CUDA device cannot allocate one KV row")
+            }
+        }
+    }
+
+    fn kv_append(&self, dst: &mut DevKv, src: &GpuMat) {
+        let r = self.gpu.kv_append(dst, &src.buf, src.rows * src.cols);
+        self.record(r);
+    }
+
+    fn zeros(&self, rows: usize, cols: usize) -> GpuMat {
+        match self.gpu.zeros::<f32>(rows * cols) {
+            Ok(b) => self.mat(b, rows, cols),
+            Err(e) => self.failed(e, rows, cols),
+        }
+    }
+}
