@@ -14,7 +14,7 @@ CARGO_TEST := cargo test --workspace --exclude moellava-python $(CARGO_TEST_FLAG
 
 export MOELLAVA_PYTHON := $(PY)
 
-.PHONY: setup test demo golden-check fuzz-check python-test serve-test fixtures clean-build
+.PHONY: setup test demo golden-check fuzz-check cuda-check python-test serve-test fixtures clean-build
 
 setup: $(BUILD)/.apt-ok $(VENV)/.requirements-ok
 
@@ -36,7 +36,7 @@ $(VENV)/.requirements-ok: tools/requirements.txt
 
 test: setup
 	MOELLAVA_REQUIRE_PYTHON=1 $(CARGO_TEST)
-	$(MAKE) --no-print-directory golden-check fuzz-check python-test serve-test
+	$(MAKE) --no-print-directory golden-check fuzz-check cuda-check python-test serve-test
 
 # The Python package: a wheel built by maturin (dev profile: the tests use tiny models), installed into
 # the venv and tested against the CLI; then installed into a fresh venv to prove the wheel stands alone.
@@ -65,6 +65,13 @@ golden-check: setup
 	$(PY) tools/gen_quant_golden.py $(BUILD)/golden-quant
 	diff -r $(BUILD)/golden-quant tests/fixtures/quant
 	@echo "golden-check: tests/fixtures/quant matches gguf-py $$($(PY) -c 'import importlib.metadata as m; print(m.version("gguf"))')"
+
+# Every CUDA kernel file must compile with NVRTC (the venv's nvidia-cuda-nvrtc-cu12 wheel; no GPU
+# needed) and define every kernel the Rust side launches. The GPU tests (tests/cuda_backend.rs) run in
+# `cargo test` and skip, printing why, on a machine without a GPU.
+cuda-check: setup
+	MOELLAVA_REQUIRE_NVRTC=1 MOELLAVA_NVRTC="$$(ls -d $(abspath $(VENV))/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib | head -1)" \
+	  $(CARGO_TEST) --test cuda_compile -- --nocapture
 
 # The fuzz target must keep compiling (running it: see fuzz/README.md).
 fuzz-check:

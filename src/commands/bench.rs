@@ -211,7 +211,11 @@ fn gpu_metrics(m: &Model<CudaBackend>) -> Vec<(String, f64)> {
     out
 }
 
-fn bench_on<B: Backend>(a: &BenchArgs, (model, load_s): (Model<B>, f64), device_metrics: fn(&Model<B>) -> Vec<(String, f64)>) -> Result<()> {
+fn bench_on<B: Backend>(
+    a: &BenchArgs,
+    (model, load_s): (Model<B>, f64),
+    device_metrics: fn(&Model<B>) -> Vec<(String, f64)>,
+) -> Result<()> {
     let device = model.backend.name();
     let threads = rayon::current_num_threads();
     let vocab = model.config.llm.n_vocab;

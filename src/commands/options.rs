@@ -38,7 +38,6 @@ pub enum Device {
     Cuda(Box<CudaBackend>),
 }
 
-
 /// Expert residency: how many experts stay in RAM, which are evicted, and what is recorded.
 #[derive(Args, Clone, Debug, Default)]
 pub struct ExpertArgs {
@@ -141,8 +140,7 @@ impl ModelArgs {
         let t0 = std::time::Instant::now();
         let kv_type: Option<KvType> =
             self.kv_cache.as_deref().map(str::parse).transpose().map_err(|e: String| anyhow::anyhow!("--kv-cache: {e}"))?;
-        let mut model =
-            Model::load_with(&self.model, backend).with_context(|| format!("loading {}", self.model.display()))?;
+        let mut model = Model::load_with(&self.model, backend).with_context(|| format!("loading {}", self.model.display()))?;
         if let Some(t) = kv_type {
             model.kv_type = t;
         }

@@ -194,7 +194,9 @@ impl Gpu {
 
     /// `dst[at..at + n] = src[..n]`.
     pub fn copy_into(&self, src: &CudaSlice<f32>, n: usize, dst: &mut CudaSlice<f32>, at: usize) -> Result<()> {
-        check(n <= src.len() && at + n <= dst.len(), || format!("copy of {n} of {} values at {at} into {}", src.len(), dst.len()))?;
+        check(n <= src.len() && at + n <= dst.len(), || {
+            format!("copy of {n} of {} values at {at} into {}", src.len(), dst.len())
+        })?;
         drv(self.stream.memcpy_dtod(&src.slice(..n), &mut dst.slice_mut(at..at + n)))
     }
 
@@ -552,7 +554,19 @@ impl Gpu {
 
     /// Attention of q `[T, n_head·hd]` over the first `p` rows of k and v (see attention.cu).
     #[allow(clippy::too_many_arguments)]
-    pub fn attention(&self, q: &CudaSlice<f32>, k: KvRef<'_>, v: KvRef<'_>, p: usize, n_head: usize, n_kv: usize, hd: usize, first_pos: usize, causal: bool, scale: f32) -> Result<CudaSlice<f32>> {
+    pub fn attention(
+        &self,
+        q: &CudaSlice<f32>,
+        k: KvRef<'_>,
+        v: KvRef<'_>,
+        p: usize,
+        n_head: usize,
+        n_kv: usize,
+        hd: usize,
+        first_pos: usize,
+        causal: bool,
+        scale: f32,
+    ) -> Result<CudaSlice<f32>> {
         let t = q.len() / (n_head * hd).max(1);
         check(p <= MAX_ATTENTION_KEYS && hd <= 256 && n_kv > 0 && n_head % n_kv == 0, || {
             format!("attention over {p} keys (at most {MAX_ATTENTION_KEYS}), head dim {hd} (at most 256), {n_head} heads / {n_kv} KV heads")
@@ -562,7 +576,11 @@ impl Gpu {
         if t == 0 {
             return Ok(out);
         }
-        let cfg = LaunchConfig { grid_dim: (n_head as u32, t as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: ((hd + 32 + p) * 4) as u32 };
+        let cfg = LaunchConfig {
+            grid_dim: (n_head as u32, t as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: ((hd + 32 + p) * 4) as u32,
+        };
         let args = [p, n_head, n_kv, hd, first_pos].map(|v| v as i32);
         let causal = causal as i32;
         let mut launch = match (k, v) {

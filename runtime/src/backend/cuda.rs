@@ -29,13 +29,16 @@ pub struct GpuMat {
     cols: usize,
 }
 
+/// A host vector's checksum and its device copy.
+type Uploaded = (u64, Arc<CudaSlice<f32>>);
+
 pub struct CudaBackend {
     gpu: Gpu,
     /// Weights mapped from the file, by (address, length) of their bytes: stable for the map's life.
     weights: Mutex<HashMap<(usize, usize), Arc<DevWeight>>>,
     /// Bias and norm vectors by (address, length), with a checksum of their values (a freed and
     /// reused address must not return stale values).
-    vectors: Mutex<HashMap<(usize, usize), (u64, Arc<CudaSlice<f32>>)>>,
+    vectors: Mutex<HashMap<(usize, usize), Uploaded>>,
     error: Mutex<Option<GpuError>>,
     /// A one-value buffer standing in for a matrix whose own could not be made (after an error).
     null: Arc<CudaSlice<f32>>,
@@ -255,7 +258,18 @@ impl Backend for CudaBackend {
 
     fn attention(&self, q: &GpuMat, k: &GpuMat, v: &GpuMat, s: AttnShape) -> GpuMat {
         let cols = s.n_head * s.head_dim;
-        let r = self.gpu.attention(&q.buf, KvRef::F32(&k.buf), KvRef::F32(&v.buf), k.rows, s.n_head, s.n_kv_head, s.head_dim, s.first_pos, s.causal, s.scale);
+        let r = self.gpu.attention(
+            &q.buf,
+            KvRef::F32(&k.buf),
+            KvRef::F32(&v.buf),
+            k.rows,
+            s.n_head,
+            s.n_kv_head,
+            s.head_dim,
+            s.first_pos,
+            s.causal,
+            s.scale,
+        );
         match r {
             Ok(b) => self.mat(b, q.rows, cols),
             Err(e) => self.failed(e, q.rows, cols),
@@ -264,7 +278,18 @@ impl Backend for CudaBackend {
 
     fn attention_cached(&self, q: &GpuMat, k: &DevKv, v: &DevKv, s: AttnShape) -> GpuMat {
         let cols = s.n_head * s.head_dim;
-        let r = self.gpu.attention(&q.buf, kv_ref(k), kv_ref(v), k.rows, s.n_head, s.n_kv_head, s.head_dim, s.first_pos, s.causal, s.scale);
+        let r = self.gpu.attention(
+            &q.buf,
+            kv_ref(k),
+            kv_ref(v),
+            k.rows,
+            s.n_head,
+            s.n_kv_head,
+            s.head_dim,
+            s.first_pos,
+            s.causal,
+            s.scale,
+        );
         match r {
             Ok(b) => self.mat(b, q.rows, cols),
             Err(e) => self.failed(e, q.rows, cols),

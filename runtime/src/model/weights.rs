@@ -45,6 +45,21 @@ impl Weight {
         Weight { storage: Storage::Resident(buf), offset, ..self.clone() }
     }
 
+    /// A matrix held in its own buffer (`bytes`: `rows` rows in `qtype`), outside any file (tests,
+    /// tools).
+    pub fn from_bytes(name: &str, bytes: Vec<u8>, qtype: QuantType, rows: usize, cols: usize) -> Weight {
+        let len = bytes.len();
+        Weight {
+            storage: Storage::Resident(Arc::new(bytes.into_boxed_slice())),
+            name: name.to_string(),
+            offset: 0,
+            len,
+            qtype,
+            rows,
+            cols,
+        }
+    }
+
     /// Bytes of the matrix.
     pub fn n_bytes(&self) -> usize {
         self.len
