@@ -10,7 +10,6 @@ use moellava_kernels::cuda::type_id;
 use moellava_kernels::quant::{dequantize_rows, quantize_rows_vec};
 use moellava_kernels::QuantType;
 
-
 fn compile_driver(dir: &Path) -> Option<std::path::PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let exe = dir.join("dequant_host");
