@@ -216,3 +216,32 @@ fn whole_models_match_cpu_on_every_family() {
         }
     }
 }
+
+#[test]
+fn expert_tier_under_a_small_budget_gives_the_same_tokens() {
+    use moellava_runtime::backend::vram::{GpuMem, MissPolicy};
+    let Some(_) = gpu() else { return };
+    let img = image::load(&common::root().join("tests/fixtures/images/wide.png")).unwrap();
+    let Some(dir) = common::checkpoint(Ckpt::moe("phi2", "clip"), &[]) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("phi2-q4.gguf");
+    common::convert(&dir, &path, &["--preset", "q4"]);
+    let cpu = Model::load(&path).unwrap();
+    let prompt = cpu.question_prompt("What is in the picture?", true);
+    let o = GenerateOptions { max_new_tokens: 8, ignore_eos: true, ..GenerateOptions::default() };
+    let want = cpu.generate(cpu.prepare(&prompt, Some(&img)).unwrap(), &o, &mut |_| {}).unwrap().tokens;
+    for policy in [MissPolicy::Copy, MissPolicy::Cpu, MissPolicy::Auto] {
+        let gpu = Model::load_with(&path, CudaBackend::open(0).unwrap()).unwrap();
+        let budget = gpu.backend.enable_expert_tier(&gpu.file, "25%".parse::<GpuMem>().unwrap(), policy).unwrap();
+        let got = gpu.generate(gpu.prepare(&prompt, Some(&img)).unwrap(), &o, &mut |_| {}).unwrap().tokens;
+        assert_eq!(got, want, "{policy:?} at 25%: tokens differ from the CPU's");
+        let r = gpu.backend.tier_report().unwrap();
+        println!("{policy:?}: {r:?}");
+        assert_eq!(r.budget_bytes, budget);
+        assert!(r.resident_bytes <= budget, "resident {} > budget {budget}", r.resident_bytes);
+        assert!(r.counters.misses > 0, "a 25% budget must miss");
+        if policy == MissPolicy::Cpu {
+            assert_eq!(r.counters.cpu_computed, r.counters.misses);
+        }
+    }
+}

@@ -191,7 +191,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             bench_on(&a, loaded, |_| Vec::new())
         }
         Device::Cuda(be) => {
-            let loaded = a.model.load_on(*be)?;
+            let loaded = a.model.load_cuda(*be)?;
             bench_on(&a, loaded, gpu_metrics)
         }
     }
@@ -207,6 +207,13 @@ fn gpu_metrics(m: &Model<CudaBackend>) -> Vec<(String, f64)> {
     }
     if let Ok(bw) = be.copy_bandwidth_gb_s(1 << 30) {
         out.push(("gpu_bandwidth_gb_s".into(), bw));
+    }
+    if let Some(t) = be.tier_report() {
+        let c = t.counters;
+        out.push(("gpu_expert_budget_bytes".into(), t.budget_bytes as f64));
+        out.push(("gpu_expert_hit_rate".into(), c.hits as f64 / (c.hits + c.misses).max(1) as f64));
+        out.push(("gpu_expert_copied_bytes".into(), c.copied_bytes as f64));
+        out.push(("gpu_expert_cpu_computed".into(), c.cpu_computed as f64));
     }
     out
 }

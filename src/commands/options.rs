@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use moellava_runtime::backend::cuda::CudaBackend;
+use moellava_runtime::backend::vram::{GpuMem, MissPolicy};
 use moellava_runtime::backend::{Backend, KvType};
 use moellava_runtime::experts::{Budget, Policy};
 use moellava_runtime::sampler::SamplingOptions;
@@ -28,6 +29,16 @@ pub struct ModelArgs {
     /// found, else the CPU. Commands other than `run` and `bench` compute on the CPU.
     #[arg(long, default_value = "auto", value_name = "DEVICE")]
     pub device: String,
+    /// With a GPU: VRAM for experts — bytes (4GB, 512MiB), a share of all experts (50%), or `auto`
+    /// (free VRAM after the dense weights, minus 1 GiB for the KV cache and scratch). Experts beyond it
+    /// wait in host memory (the file's map, page-locked when the driver allows) and are copied in when
+    /// routed, least recently used leaving first. Default: every routed expert stays in VRAM.
+    #[arg(long, value_name = "BYTES|PERCENT|auto")]
+    pub gpu_mem: Option<String>,
+    /// With --gpu-mem, what a routed expert that is not in VRAM does: `copy` it in, compute it on the
+    /// `cpu`, or `auto`: the CPU for decode steps when it reads memory faster than PCIe copies, else copy.
+    #[arg(long, default_value = "auto", value_name = "POLICY")]
+    pub miss_policy: String,
     #[command(flatten)]
     pub experts: ExpertArgs,
 }
@@ -129,8 +140,23 @@ impl ModelArgs {
         self.load_on(moellava_runtime::backend::cpu::CpuBackend)
     }
 
+    /// [`Self::load_on`] a GPU, with the VRAM expert tier when `--gpu-mem` asks for it.
+    pub fn load_cuda(&self, be: CudaBackend) -> Result<(Model<CudaBackend>, f64)> {
+        let policy: MissPolicy = self.miss_policy.parse().map_err(|e: String| anyhow::anyhow!("--miss-policy: {e}"))?;
+        let gpu_mem: Option<GpuMem> =
+            self.gpu_mem.as_deref().map(str::parse).transpose().map_err(|e: String| anyhow::anyhow!("--gpu-mem {e}"))?;
+        let (model, load_s) = self.load_on(be)?;
+        if let Some(m) = gpu_mem {
+            model.backend.enable_expert_tier(&model.file, m, policy).context("--gpu-mem")?;
+        }
+        Ok((model, load_s))
+    }
+
     /// [`Self::load`] on a given backend.
     pub fn load_on<B: Backend>(&self, backend: B) -> Result<(Model<B>, f64)> {
+        if self.gpu_mem.is_some() && backend.name() != "cuda" {
+            bail!("--gpu-mem keeps experts in GPU memory: it needs --device cuda (computing on {})", backend.name());
+        }
         if let Some(n) = self.threads {
             if n == 0 {
                 bail!("--threads must be at least 1");

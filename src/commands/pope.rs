@@ -215,6 +215,8 @@ fn required(r: &PopeRunArgs) -> Result<RunPaths> {
             threads: r.threads,
             kv_cache: r.kv_cache.clone(),
             device: "cpu".into(),
+            gpu_mem: None,
+            miss_policy: "auto".into(),
             experts: r.experts.clone(),
         },
         question_file: r.question_file.clone().unwrap_or_default(),

@@ -54,17 +54,22 @@ pub fn run(a: RunArgs) -> Result<()> {
     match a.model.device()? {
         Device::Cpu => {
             let loaded = a.model.load_on(moellava_runtime::backend::cpu::CpuBackend)?;
-            run_on(&a, loaded, "cpu".into())
+            run_on(&a, loaded, "cpu".into(), |_| None)
         }
         Device::Cuda(be) => {
             let name = format!("cuda ({})", be.describe());
-            let loaded = a.model.load_on(*be)?;
-            run_on(&a, loaded, name)
+            let loaded = a.model.load_cuda(*be)?;
+            run_on(&a, loaded, name, |m| m.backend.tier_report().map(|r| serde_json::to_value(r).unwrap_or_default()))
         }
     }
 }
 
-fn run_on<B: Backend>(a: &RunArgs, (model, load_s): (Model<B>, f64), device: String) -> Result<()> {
+fn run_on<B: Backend>(
+    a: &RunArgs,
+    (model, load_s): (Model<B>, f64),
+    device: String,
+    gpu_experts: fn(&Model<B>) -> Option<serde_json::Value>,
+) -> Result<()> {
     let opts = a.gen.options()?;
     let image = a.image.as_ref().map(|p| moellava_runtime::image::load(p)).transpose()?;
     let stdout = std::io::stdout();
@@ -105,6 +110,7 @@ fn run_on<B: Backend>(a: &RunArgs, (model, load_s): (Model<B>, f64), device: Str
             "gating": a.gen.gating,
             "kv_cache": model.kv_type,
             "device": device,
+            "gpu_experts": gpu_experts(&model),
             "expert_cache": model.expert_cache_report(),
         });
         println!("{}", serde_json::to_string_pretty(&obj)?);

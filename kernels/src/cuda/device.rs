@@ -118,6 +118,22 @@ pub struct Gpu {
     pub arch: u32,
 }
 
+/// Host memory the driver has page-locked in place (a read-only registration of a mapped file), so
+/// copies from it run at full PCIe speed without a staging copy. Unregistered on drop; the owner must
+/// keep the memory mapped until then.
+pub struct PinnedRange {
+    ptr: usize,
+    ctx: Arc<CudaContext>,
+}
+
+impl Drop for PinnedRange {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: `ptr` was registered by `Gpu::pin_read_only` and not unregistered since.
+        let _ = unsafe { cudarc::driver::sys::cuMemHostUnregister(self.ptr as *mut std::ffi::c_void) };
+    }
+}
+
 /// Whether a CUDA driver library can be opened at all (no device needed).
 pub fn driver_present() -> bool {
     // SAFETY: a dlopen probe of cudarc's candidate names.
@@ -164,6 +180,18 @@ impl Gpu {
             }
         }
         Ok(Gpu { ctx, stream, funcs, name, arch })
+    }
+
+    /// Page-locks `host` in place, read-only (CUDA ≥ 11.1), so the experts' host copies are pinned
+    /// without a second copy of them. The caller keeps `host` alive and mapped while the result lives.
+    pub fn pin_read_only(&self, host: &[u8]) -> Result<PinnedRange> {
+        drv(self.ctx.bind_to_thread())?;
+        let flags = cudarc::driver::sys::CU_MEMHOSTREGISTER_READ_ONLY | cudarc::driver::sys::CU_MEMHOSTREGISTER_PORTABLE;
+        // SAFETY: registering a readable host range with the READ_ONLY flag only page-locks it; the
+        // driver never writes through it. The range stays valid while the returned guard lives.
+        let r = unsafe { cudarc::driver::sys::cuMemHostRegister_v2(host.as_ptr() as *mut std::ffi::c_void, host.len(), flags) };
+        drv(r.result())?;
+        Ok(PinnedRange { ptr: host.as_ptr() as usize, ctx: self.ctx.clone() })
     }
 
     /// (free, total) bytes of device memory.
@@ -215,6 +243,20 @@ impl Gpu {
             best = best.min(t.elapsed().as_secs_f64());
         }
         Ok(2.0 * (n * 4) as f64 / best / 1e9)
+    }
+
+    /// Host-to-device copy bandwidth in GB/s from `host` (best of 3 copies of it).
+    pub fn h2d_gb_s(&self, host: &[u8]) -> Result<f64> {
+        let mut best = f64::MAX;
+        for _ in 0..3 {
+            self.synchronize()?;
+            let t = std::time::Instant::now();
+            let d = self.upload(host)?;
+            self.synchronize()?;
+            best = best.min(t.elapsed().as_secs_f64());
+            drop(d);
+        }
+        Ok(host.len() as f64 / best / 1e9)
     }
 
     pub fn synchronize(&self) -> Result<()> {

@@ -6,9 +6,13 @@
 //! the first device error; the next call that returns a `Result` (`matmul`, `embed`) reports it, so a
 //! failed launch never goes unnoticed and never panics.
 //!
-//! Not yet here (issue 8): the VRAM expert tier with a byte budget (today every expert a prompt routes
-//! to is uploaded and kept), tensor-core prefill. Experts held by the RAM expert cache (`--expert-ram`)
-//! are uploaded for each use.
+//! Experts: by default every expert a prompt routes to is uploaded and kept. With
+//! [`CudaBackend::enable_expert_tier`] (`--gpu-mem`) they hold VRAM under a byte budget, least recently
+//! used evicted first, copied from the file's map (page-locked in place when the driver allows) on a
+//! miss, or computed on the CPU from it (`--miss-policy`; decisions in [`super::vram`]). Experts held
+//! by the RAM expert cache (`--expert-ram`) are uploaded for each use.
+//!
+//! Not yet here (issue 8): copies on a second stream with next-layer prefetch, tensor-core prefill.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,9 +21,13 @@ use cudarc::driver::CudaSlice;
 use moellava_kernels::cpu::{self, Activation};
 use moellava_kernels::cuda::device::{DevKv, DevWeight, Gpu, GpuError, KvRef};
 
+use super::vram::{self, GpuMem, MissPolicy, Plan, VramCounters, VramPlan};
 use super::{AttnShape, Backend, KvType};
 use crate::error::{Result, RuntimeError};
+use crate::gguf::GgufFile;
 use crate::model::weights::Weight;
+use crate::tensor_class::TensorClass;
+use moellava_kernels::cuda::device::PinnedRange;
 
 /// `[rows, cols]` f32 in device memory; clones share the buffer until one is written (copy on write).
 #[derive(Clone)]
@@ -42,6 +50,37 @@ pub struct CudaBackend {
     error: Mutex<Option<GpuError>>,
     /// A one-value buffer standing in for a matrix whose own could not be made (after an error).
     null: Arc<CudaSlice<f32>>,
+    tier: Mutex<Option<ExpertTier>>,
+}
+
+/// The VRAM expert tier: which experts are resident (by the address and length of their mapped bytes).
+struct ExpertTier {
+    plan: VramPlan<(usize, usize)>,
+    resident: HashMap<(usize, usize), Arc<DevWeight>>,
+    policy: MissPolicy,
+    pcie_gb_s: f64,
+    cpu_gb_s: f64,
+    /// Declared after nothing that frees the map: `_file` keeps it mapped until `_pinned` unregisters.
+    _pinned: Option<PinnedRange>,
+    _file: Arc<GgufFile>,
+}
+
+/// The VRAM tier's settings and counters, for reports.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TierReport {
+    pub budget_bytes: u64,
+    pub resident_bytes: u64,
+    pub miss_policy: MissPolicy,
+    pub pinned: bool,
+    pub pcie_gb_s: f64,
+    pub cpu_gb_s: f64,
+    pub counters: VramCounters,
+}
+
+/// Where one matmul's weight is.
+enum Placement {
+    Gpu(Arc<DevWeight>),
+    Cpu,
 }
 
 impl From<GpuError> for RuntimeError {
@@ -59,7 +98,69 @@ impl CudaBackend {
     pub fn open(ordinal: usize) -> Result<CudaBackend> {
         let gpu = Gpu::open(ordinal)?;
         let null = Arc::new(gpu.zeros::<f32>(1)?);
-        Ok(CudaBackend { gpu, weights: Mutex::default(), vectors: Mutex::default(), error: Mutex::default(), null })
+        Ok(CudaBackend {
+            gpu,
+            weights: Mutex::default(),
+            vectors: Mutex::default(),
+            error: Mutex::default(),
+            null,
+            tier: Mutex::default(),
+        })
+    }
+
+    /// Keeps the experts of `file` (the model's own map) in VRAM under `gpu_mem`; misses follow
+    /// `policy`. Page-locks the map read-only for fast copies (a warning, and pageable copies, when the
+    /// driver refuses); measures PCIe and CPU-memory speeds for `--miss-policy auto`. Returns the budget.
+    pub fn enable_expert_tier(&self, file: &Arc<GgufFile>, gpu_mem: GpuMem, policy: MissPolicy) -> Result<u64> {
+        let (mut dense, mut experts) = (0u64, 0u64);
+        for t in file.meta.tensors() {
+            match TensorClass::of(&t.name) {
+                TensorClass::Experts => experts += t.n_bytes,
+                _ => dense += t.n_bytes,
+            }
+        }
+        if experts == 0 {
+            return Err(RuntimeError::Unsupported("--gpu-mem: this is a dense model (no experts to keep in VRAM)".into()));
+        }
+        let (free, _) = self.gpu.mem_info()?;
+        let budget = gpu_mem.bytes(free as u64, dense, experts);
+        let pinned = match self.gpu.pin_read_only(file.bytes()) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!(
+                    "warning: could not page-lock the model file for copies ({e}); experts are copied from pageable memory"
+                );
+                None
+            }
+        };
+        let probe = &file.bytes()[..file.bytes().len().min(256 << 20)];
+        let pcie_gb_s = self.gpu.h2d_gb_s(probe)?;
+        let cpu_gb_s = moellava_kernels::cpu::bandwidth::read_gb_s(1 << 28);
+        *self.tier.lock().expect("tier") = Some(ExpertTier {
+            plan: VramPlan::new(budget),
+            resident: HashMap::new(),
+            policy,
+            pcie_gb_s,
+            cpu_gb_s,
+            _pinned: pinned,
+            _file: file.clone(),
+        });
+        Ok(budget)
+    }
+
+    /// The VRAM tier's settings and counters (`None` without `--gpu-mem`).
+    pub fn tier_report(&self) -> Option<TierReport> {
+        let t = self.tier.lock().ok()?;
+        let t = t.as_ref()?;
+        Some(TierReport {
+            budget_bytes: t.plan.budget(),
+            resident_bytes: t.plan.used(),
+            miss_policy: t.policy,
+            pinned: t._pinned.is_some(),
+            pcie_gb_s: t.pcie_gb_s,
+            cpu_gb_s: t.cpu_gb_s,
+            counters: t.plan.counters,
+        })
     }
 
     /// The device's name and compute capability ("NVIDIA H100 80GB HBM3, sm_90").
@@ -111,6 +212,52 @@ impl CudaBackend {
         let d = upload()?;
         self.weights.lock().expect("weight table").insert(key, d.clone());
         Ok(d)
+    }
+
+    /// Where `w` is multiplied for a call of `rows` rows: experts go through the VRAM tier when it
+    /// is on; everything else is uploaded once and kept.
+    fn place(&self, w: &Weight, rows: usize) -> Result<Placement> {
+        if w.file_range().is_some() && TensorClass::of(&w.name) == TensorClass::Experts {
+            let mut guard = self.tier.lock().expect("tier");
+            if let Some(tier) = guard.as_mut() {
+                let key = (w.bytes().as_ptr() as usize, w.n_bytes());
+                let cpu = vram::cpu_wins(tier.policy, rows, tier.pcie_gb_s, tier.cpu_gb_s);
+                let upload = || self.gpu.upload_weight(w.bytes(), w.qtype, w.rows, w.cols).map(Arc::new);
+                let load = |tier: &mut ExpertTier| -> Result<Placement> {
+                    let d = upload()?;
+                    tier.resident.insert(key, d.clone());
+                    Ok(Placement::Gpu(d))
+                };
+                return match tier.plan.plan(&key, w.n_bytes() as u64, cpu) {
+                    Plan::Cpu => Ok(Placement::Cpu),
+                    Plan::Stream => Ok(Placement::Gpu(upload()?)),
+                    Plan::Hit => match tier.resident.get(&key) {
+                        Some(d) => Ok(Placement::Gpu(d.clone())),
+                        None => load(tier), // its copy failed earlier
+                    },
+                    Plan::Load { evict } => {
+                        for k in &evict {
+                            tier.resident.remove(k);
+                        }
+                        load(tier)
+                    }
+                };
+            }
+        }
+        Ok(Placement::Gpu(self.weight(w)?))
+    }
+
+    /// `x · Wᵀ` on the CPU (a miss the policy sends there): ggml on the mapped bytes, result uploaded.
+    fn matmul_on_cpu(&self, x: &GpuMat, w: &Weight, per_row: bool) -> Result<GpuMat> {
+        let xh = self.to_host(x);
+        self.pending()?;
+        let mut out = vec![0f32; x.rows * w.rows];
+        if per_row {
+            cpu::matmul_vec_dot(w.mat(), &xh, &mut out)?;
+        } else {
+            cpu::matmul(w.mat(), &xh, &mut out)?;
+        }
+        Ok(self.from_host(out, w.rows))
     }
 
     fn vector(&self, v: &[f32]) -> std::result::Result<Arc<CudaSlice<f32>>, GpuError> {
@@ -177,14 +324,18 @@ impl Backend for CudaBackend {
 
     fn matmul(&self, x: &GpuMat, w: &Weight) -> Result<GpuMat> {
         self.pending()?;
-        let d = self.weight(w)?;
-        Ok(self.mat(self.gpu.matmul(&d, &x.buf, x.rows)?, x.rows, w.rows))
+        match self.place(w, x.rows)? {
+            Placement::Gpu(d) => Ok(self.mat(self.gpu.matmul(&d, &x.buf, x.rows)?, x.rows, w.rows)),
+            Placement::Cpu => self.matmul_on_cpu(x, w, false),
+        }
     }
 
     fn matmul_per_row(&self, x: &GpuMat, w: &Weight) -> Result<GpuMat> {
         self.pending()?;
-        let d = self.weight(w)?;
-        Ok(self.mat(self.gpu.matvec(&d, &x.buf, x.rows)?, x.rows, w.rows))
+        match self.place(w, x.rows)? {
+            Placement::Gpu(d) => Ok(self.mat(self.gpu.matvec(&d, &x.buf, x.rows)?, x.rows, w.rows)),
+            Placement::Cpu => self.matmul_on_cpu(x, w, true),
+        }
     }
 
     fn embed(&self, table: &Weight, ids: &[u32]) -> Result<GpuMat> {

@@ -7,6 +7,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod vram;
 
 pub use moellava_kernels::cpu::attention::AttnShape;
 pub use moellava_kernels::cpu::Activation;
