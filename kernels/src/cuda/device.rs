@@ -170,8 +170,8 @@ impl Gpu {
         let stream = ctx.default_stream();
         let mut funcs = HashMap::new();
         for (file, source) in SOURCES {
-            let ptx = nvrtc::cached_ptx(file, source, arch).map_err(GpuError::Compile)?;
-            let module = drv(ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)))?;
+            let cubin = nvrtc::cached_cubin(file, source, arch).map_err(GpuError::Compile)?;
+            let module = drv(ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)))?;
             for (f, kernel) in super::kernel_names() {
                 if f == file {
                     let func = module.load_function(&kernel).map_err(|_| GpuError::MissingKernel(kernel.clone(), file))?;

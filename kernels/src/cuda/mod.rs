@@ -5,7 +5,7 @@
 //! ([`nvrtc::load`], [`device::Gpu::open`]), so the program builds and every CPU path runs on a
 //! machine without CUDA. Each `.cu` file is compiled with `common.cuh` and `dequant.cuh` in front
 //! (NVRTC gets one self-contained source: no include paths, no CUDA headers), for the device's own
-//! architecture, and the PTX is cached on disk ([`nvrtc::cached_ptx`]).
+//! architecture (a CUBIN), cached on disk ([`nvrtc::cached_cubin`]).
 
 pub mod device;
 pub mod nvrtc;

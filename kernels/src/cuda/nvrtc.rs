@@ -122,6 +122,53 @@ pub fn compile(name: &str, source: &str, arch: u32) -> Result<String, String> {
     }
 }
 
+/// Compiles one kernel file to a CUBIN (machine code) for the real architecture `sm_{arch}`: what
+/// the runtime loads, because a CUBIN from a newer NVRTC still loads on an older driver of the same
+/// CUDA major version, where PTX of a newer ISA would be refused.
+pub fn compile_cubin(name: &str, source: &str, arch: u32) -> Result<Vec<u8>, String> {
+    use std::ffi::CString;
+    load()?;
+    let src = CString::new(super::program(source)).map_err(|_| format!("{name}: NUL byte in the source"))?;
+    let cname = CString::new(name).map_err(|_| format!("{name}: NUL byte in the name"))?;
+    let prog = cu_nvrtc::result::create_program(&src, Some(&cname)).map_err(|e| format!("NVRTC failed on {name}: {e:?}"))?;
+    let opts = [format!("--gpu-architecture=sm_{arch}"), "--std=c++17".into(), "-default-device".into()];
+    // SAFETY: `prog` was created above and is destroyed once, at the end; `src` and `cname` outlive it;
+    // the CUBIN buffer is sized by nvrtcGetCUBINSize before nvrtcGetCUBIN writes into it.
+    let out = unsafe {
+        let r = match cu_nvrtc::result::compile_program(prog, &opts) {
+            Err(_) => {
+                let log = cu_nvrtc::result::get_program_log(prog).unwrap_or_default();
+                let log: Vec<u8> = log.iter().take_while(|c| **c != 0).map(|c| *c as u8).collect();
+                Err(format!("NVRTC could not compile {name} for sm_{arch}:\n{}", String::from_utf8_lossy(&log)))
+            }
+            Ok(()) => {
+                let mut size = 0usize;
+                cu_nvrtc::sys::nvrtcGetCUBINSize(prog, &mut size)
+                    .result()
+                    .map_err(|e| format!("{name}: nvrtcGetCUBINSize: {e:?}"))?;
+                let mut bin = vec![0u8; size];
+                cu_nvrtc::sys::nvrtcGetCUBIN(prog, bin.as_mut_ptr() as *mut std::ffi::c_char)
+                    .result()
+                    .map_err(|e| format!("{name}: nvrtcGetCUBIN: {e:?}"))?;
+                Ok(bin)
+            }
+        };
+        let _ = cu_nvrtc::result::destroy_program(prog);
+        r
+    };
+    out
+}
+
+/// Whether a CUBIN (an ELF image) names the kernel `name` (its symbol table holds the name as a
+/// NUL-terminated string).
+pub fn cubin_defines(cubin: &[u8], name: &str) -> bool {
+    let needle: Vec<u8> = name.bytes().chain([0]).collect();
+    cubin
+        .windows(needle.len())
+        .enumerate()
+        .any(|(i, w)| w == needle.as_slice() && (i == 0 || cubin[i - 1] == 0 || cubin[i - 1] == b'.'))
+}
+
 /// Names of the kernels (`.entry`) a PTX text defines.
 pub fn entries(ptx: &str) -> Vec<String> {
     ptx.lines()
@@ -156,16 +203,16 @@ fn cache_dir() -> Option<PathBuf> {
     Some(base.join("moellava").join("ptx"))
 }
 
-/// [`compile`], through a disk cache keyed by the program text, the architecture and NVRTC's version.
-/// A cache that cannot be read or written is skipped (the PTX is compiled again), never an error.
-pub fn cached_ptx(name: &str, source: &str, arch: u32) -> Result<String, String> {
+/// [`compile_cubin`], through a disk cache keyed by the program text, the architecture and NVRTC's
+/// version. A cache that cannot be read or written is skipped (compiled again), never an error.
+pub fn cached_cubin(name: &str, source: &str, arch: u32) -> Result<Vec<u8>, String> {
     let (major, minor) = version()?;
     let key = fnv1a(&[super::program(source).as_bytes(), &arch.to_le_bytes(), &major.to_le_bytes(), &minor.to_le_bytes()]);
-    let path = cache_dir().map(|d| d.join(format!("{}-sm{arch}-{key:016x}.ptx", name.trim_end_matches(".cu"))));
-    if let Some(text) = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
-        return Ok(text);
+    let path = cache_dir().map(|d| d.join(format!("{}-sm{arch}-{key:016x}.cubin", name.trim_end_matches(".cu"))));
+    if let Some(bin) = path.as_ref().and_then(|p| std::fs::read(p).ok()).filter(|b| !b.is_empty()) {
+        return Ok(bin);
     }
-    let ptx = compile(name, source, arch)?;
+    let ptx = compile_cubin(name, source, arch)?;
     if let Some(path) = path {
         // Write-then-rename, so a concurrent reader never sees half a file.
         if let Some(dir) = path.parent() {
