@@ -14,7 +14,7 @@ CARGO_TEST := cargo test --workspace --exclude moellava-python $(CARGO_TEST_FLAG
 
 export MOELLAVA_PYTHON := $(PY)
 
-.PHONY: setup test demo golden-check fuzz-check cuda-check python-test serve-test fixtures clean-build
+.PHONY: setup test demo golden-check fuzz-check cuda-check gpu-bundle python-test serve-test fixtures clean-build
 
 setup: $(BUILD)/.apt-ok $(VENV)/.requirements-ok
 
@@ -72,6 +72,23 @@ golden-check: setup
 cuda-check: setup
 	MOELLAVA_REQUIRE_NVRTC=1 MOELLAVA_NVRTC="$$(ls -d $(abspath $(VENV))/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib | head -1)" \
 	  $(CARGO_TEST) --test cuda_compile -- --nocapture
+
+# What tools/gpu_check.sh needs on a lent GPU machine (no Rust there, no network): the release CLI,
+# the GPU test binary and gen_random_model, stripped and gzipped into .gpu/ (about 11 MB, so that the
+# working tree plus .gpu stays under the device tool's 64 MiB). The test models are made there, by
+# tools/gen_checkpoint.py (numpy only) and the carried CLI.
+GPU_BUNDLE := .gpu
+gpu-bundle: setup
+	cargo build --release -p moellava --bin moellava
+	cargo build --release -p moellava-gen-random-model
+	@rm -rf $(GPU_BUNDLE) && mkdir -p $(GPU_BUNDLE)
+	exe=$$(cargo test --release --test cuda_backend --no-run --message-format=json 2>/dev/null \
+	  | $(PY) -c 'import sys, json; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("executable") and m["target"]["name"] == "cuda_backend"]'); \
+	  strip -o $(GPU_BUNDLE)/cuda_backend "$$exe"
+	strip -o $(GPU_BUNDLE)/moellava target/release/moellava
+	strip -o $(GPU_BUNDLE)/gen_random_model target/release/moellava-gen-random-model
+	gzip -9 $(GPU_BUNDLE)/cuda_backend $(GPU_BUNDLE)/moellava $(GPU_BUNDLE)/gen_random_model
+	@du -sh $(GPU_BUNDLE); echo "carry .gpu and run: bash tools/gpu_check.sh (the working tree + .gpu must stay under 64 MiB)"
 
 # The fuzz target must keep compiling (running it: see fuzz/README.md).
 fuzz-check:

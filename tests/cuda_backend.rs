@@ -5,6 +5,10 @@
 //! `skipped: <reason>` and passes; CI has no GPU, so these run only on a machine that has one
 //! (`cargo test --release --test cuda_backend -- --nocapture`). The kernels' weight decoding is
 //! checked without a GPU by kernels/tests/cuda_dequant_host.rs, their compilation by cuda_compile.rs.
+//!
+//! The model tests convert generated checkpoints, or, with `MOELLAVA_CUDA_MODELS=DIR`, load
+//! `DIR/{phi2,stablelm,qwen}-{q4,f16}.gguf` converted beforehand (what `make gpu-bundle` carries to a
+//! GPU machine that has neither the Python venv nor room for the checkpoints).
 
 mod common;
 
@@ -39,6 +43,23 @@ fn gpu() -> Option<CudaBackend> {
             None
         }
     }
+}
+
+/// `{backbone}-{plan}.gguf`: from `MOELLAVA_CUDA_MODELS`, or converted from a generated checkpoint
+/// into `tmp` (`None`, with the reason printed, when neither is possible).
+fn model_file(backbone: &'static str, plan: &str, tmp: &std::path::Path) -> Option<std::path::PathBuf> {
+    if let Some(dir) = std::env::var_os("MOELLAVA_CUDA_MODELS") {
+        let p = std::path::Path::new(&dir).join(format!("{backbone}-{plan}.gguf"));
+        return p.exists().then_some(p).or_else(|| {
+            println!("skipped {backbone} {plan}: no {backbone}-{plan}.gguf in MOELLAVA_CUDA_MODELS");
+            None
+        });
+    }
+    let dir = common::checkpoint(Ckpt::moe(backbone, "clip"), &[])?;
+    let path = tmp.join(format!("{backbone}-{plan}.gguf"));
+    let args: &[&str] = if plan == "q4" { &["--preset", "q4"] } else { &["--type", "f16"] };
+    common::convert(&dir, &path, args);
+    Some(path)
 }
 
 fn nmse(got: &[f32], want: &[f32]) -> f64 {
@@ -179,12 +200,10 @@ fn attention_matches_cpu_prompt_and_cached() {
 fn whole_models_match_cpu_on_every_family() {
     let Some(_) = gpu() else { return };
     let img = image::load(&common::root().join("tests/fixtures/images/wide.png")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
     for backbone in ["phi2", "stablelm", "qwen"] {
-        let Some(dir) = common::checkpoint(Ckpt::moe(backbone, "clip"), &[]) else { return };
-        for (plan, args) in [("q4", &["--preset", "q4"][..]), ("f16", &["--type", "f16"][..])] {
-            let tmp = tempfile::tempdir().unwrap();
-            let path = tmp.path().join(format!("{backbone}-{plan}.gguf"));
-            common::convert(&dir, &path, args);
+        for plan in ["q4", "f16"] {
+            let Some(path) = model_file(backbone, plan, tmp.path()) else { continue };
             let cpu = Model::load(&path).unwrap();
             let gpu = Model::load_with(&path, CudaBackend::open(0).unwrap()).unwrap();
             let prompt = cpu.question_prompt("What is in the picture?", true);
@@ -222,10 +241,8 @@ fn expert_tier_under_a_small_budget_gives_the_same_tokens() {
     use moellava_runtime::backend::vram::{GpuMem, MissPolicy};
     let Some(_) = gpu() else { return };
     let img = image::load(&common::root().join("tests/fixtures/images/wide.png")).unwrap();
-    let Some(dir) = common::checkpoint(Ckpt::moe("phi2", "clip"), &[]) else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let path = tmp.path().join("phi2-q4.gguf");
-    common::convert(&dir, &path, &["--preset", "q4"]);
+    let Some(path) = model_file("phi2", "q4", tmp.path()) else { return };
     let cpu = Model::load(&path).unwrap();
     let prompt = cpu.question_prompt("What is in the picture?", true);
     let o = GenerateOptions { max_new_tokens: 8, ignore_eos: true, ..GenerateOptions::default() };

@@ -6,14 +6,15 @@ pub mod gguf_bytes;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// The workspace root.
+/// The workspace root (`MOELLAVA_ROOT` overrides it: a test binary carried to another machine, as
+/// `make gpu-bundle` does, runs in a checkout at another path).
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("MOELLAVA_ROOT").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
-/// The `moellava` binary built for these tests.
+/// The `moellava` binary built for these tests (`MOELLAVA_BIN` overrides it, as for [`root`]).
 pub fn moellava() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_moellava"))
+    Command::new(std::env::var_os("MOELLAVA_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_moellava").into()))
 }
 
 /// Runs `moellava ARGS`, returning its output.
