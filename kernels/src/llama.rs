@@ -36,6 +36,43 @@ fn init_backend() {
     });
 }
 
+/// The file types of llama.cpp's own quantizer (`llama-quantize`) that tests and benchmarks use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LlamaFtype {
+    F16,
+    Q8_0,
+    Q4_0,
+    /// llama.cpp's mixed q4_K/q6_K recipe.
+    Q4KM,
+}
+
+/// Quantizes `input` into `output` with llama.cpp's own quantizer (what `llama-quantize` runs): a
+/// file written by llama.cpp's tools, not ours.
+pub fn quantize(input: &Path, output: &Path, ftype: LlamaFtype, threads: usize) -> Result<(), LlamaError> {
+    init_backend();
+    let c =
+        |p: &Path| CString::new(p.to_string_lossy().as_bytes()).map_err(|_| LlamaError::Call(format!("path {}", p.display())));
+    let (inp, out) = (c(input)?, c(output)?);
+    let ftype = match ftype {
+        LlamaFtype::F16 => sys::LLAMA_FTYPE_MOSTLY_F16,
+        LlamaFtype::Q8_0 => sys::LLAMA_FTYPE_MOSTLY_Q8_0,
+        LlamaFtype::Q4_0 => sys::LLAMA_FTYPE_MOSTLY_Q4_0,
+        LlamaFtype::Q4KM => sys::LLAMA_FTYPE_MOSTLY_Q4_K_M,
+    };
+    // SAFETY: default params are plain data (null pointers for imatrix and overrides, which
+    // llama_model_quantize accepts); both paths are NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        let mut params = sys::llama_model_quantize_default_params();
+        params.ftype = ftype;
+        params.nthread = threads as i32;
+        sys::llama_model_quantize(inp.as_ptr(), out.as_ptr(), &params)
+    };
+    if rc != 0 {
+        return Err(LlamaError::Call(format!("llama_model_quantize {} → {} failed ({rc})", input.display(), output.display())));
+    }
+    Ok(())
+}
+
 /// A model loaded by llama.cpp (CPU only).
 pub struct LlamaModel {
     model: *mut sys::llama_model,

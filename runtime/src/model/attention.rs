@@ -1,5 +1,7 @@
-//! Causal self-attention with a fused QKV projection, partial NeoX rotary and a KV cache.
-//! Phi-2 / StableLM / Qwen all fit: q, k, v = split(x·Wqkvᵀ + b) into [D | kv | kv]; rotary on the
+//! Causal self-attention with a QKV projection, partial NeoX rotary and a KV cache.
+//! Phi-2 / StableLM / Qwen all fit: q, k, v = split(x·Wqkvᵀ + b) into [D | kv | kv] (our converter
+//! fuses them; llama.cpp's converter writes Phi-2 and StableLM as three matrices attn_q/k/v, which
+//! load too, and give the same q, k, v); rotary on the
 //! first `rope_dims` of each head (Phi 0.4·80, StableLM 0.25·64, Qwen all 128); scores scaled by
 //! 1/√head_dim; grouped KV heads when n_head_kv < n_head; output projection (+ bias for Phi).
 //! Dims: T = new tokens, P = cached + new positions, D = n_embd, kv = n_head_kv·head_dim,
@@ -30,9 +32,16 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
+/// The QKV projection as the file holds it.
+enum Qkv {
+    /// `attn_qkv` `[D + 2kv, D]` (+ bias).
+    Fused { w: Weight, b: Option<Vec<f32>> },
+    /// `attn_q` `[D, D]`, `attn_k` and `attn_v` `[kv, D]` (+ biases).
+    Split { w: Box<[Weight; 3]>, b: [Option<Vec<f32>>; 3] },
+}
+
 pub struct Attention {
-    qkv: Weight,
-    qkv_b: Option<Vec<f32>>,
+    qkv: Qkv,
     out: Weight,
     out_b: Option<Vec<f32>>,
     n_head: usize,
@@ -46,9 +55,24 @@ impl Attention {
     pub fn load(layer: usize, c: &LlmConfig, ws: &WeightStore) -> Result<Attention> {
         let (d, kv) = (c.n_embd, c.n_head_kv * c.head_dim);
         let n = |part: &str| tn::blk(layer, part);
+        let qkv = if !ws.has(&n("attn_qkv.weight")) && ws.has(&n("attn_q.weight")) {
+            Qkv::Split {
+                w: Box::new([
+                    ws.matrix(&n("attn_q.weight"), d, d)?,
+                    ws.matrix(&n("attn_k.weight"), kv, d)?,
+                    ws.matrix(&n("attn_v.weight"), kv, d)?,
+                ]),
+                b: [
+                    ws.f32_opt(&n("attn_q.bias"), &[d])?,
+                    ws.f32_opt(&n("attn_k.bias"), &[kv])?,
+                    ws.f32_opt(&n("attn_v.bias"), &[kv])?,
+                ],
+            }
+        } else {
+            Qkv::Fused { w: ws.matrix(&n("attn_qkv.weight"), d + 2 * kv, d)?, b: ws.f32_opt(&n("attn_qkv.bias"), &[d + 2 * kv])? }
+        };
         Ok(Attention {
-            qkv: ws.matrix(&n("attn_qkv.weight"), d + 2 * kv, d)?,
-            qkv_b: ws.f32_opt(&n("attn_qkv.bias"), &[d + 2 * kv])?,
+            qkv,
             out: ws.matrix(&n("attn_output.weight"), d, d)?,
             out_b: ws.f32_opt(&n("attn_output.bias"), &[d])?,
             n_head: c.n_head,
@@ -59,9 +83,12 @@ impl Attention {
         })
     }
 
-    /// The type of the fused QKV weight (what the KV cache's default type follows).
+    /// The type of the QKV weight (what the KV cache's default type follows).
     pub fn qkv_type(&self) -> QuantType {
-        self.qkv.qtype
+        match &self.qkv {
+            Qkv::Fused { w, .. } => w.qtype,
+            Qkv::Split { w, .. } => w[0].qtype,
+        }
     }
 
     /// `h [T, D]` at positions `first_pos..first_pos+T` → `[T, D]`; appends this call's K and V to `cache`.
@@ -99,12 +126,27 @@ impl Attention {
     fn project<B: Backend>(&self, be: &B, h: &B::Act, positions: &[usize], mode: RowMode) -> Result<(B::Act, B::Act, B::Act)> {
         let (_, d) = be.shape(h);
         let kv = self.n_head_kv * self.head_dim;
-        let mut qkv = mode.matmul(be, h, &self.qkv)?; // [T, D + 2kv]
-        if let Some(b) = &self.qkv_b {
-            be.add_bias(&mut qkv, b);
-        }
-        let [mut q, mut k, v]: [B::Act; 3] = be
-            .split_cols(&qkv, &[d, kv, kv])
+        let parts: Vec<B::Act> = match &self.qkv {
+            Qkv::Fused { w, b } => {
+                let mut qkv = mode.matmul(be, h, w)?; // [T, D + 2kv]
+                if let Some(b) = b {
+                    be.add_bias(&mut qkv, b);
+                }
+                be.split_cols(&qkv, &[d, kv, kv])
+            }
+            Qkv::Split { w, b } => {
+                let mut parts = Vec::with_capacity(3);
+                for (w, b) in w.iter().zip(b) {
+                    let mut y = mode.matmul(be, h, w)?; // [T, D] or [T, kv]
+                    if let Some(b) = b {
+                        be.add_bias(&mut y, b);
+                    }
+                    parts.push(y);
+                }
+                parts
+            }
+        };
+        let [mut q, mut k, v]: [B::Act; 3] = parts
             .try_into()
             .map_err(|_| crate::error::RuntimeError::Unsupported("backend split QKV into the wrong number of parts".into()))?;
         be.rope(&mut q, self.n_head, self.head_dim, self.rope_dims, positions, self.rope_base);
