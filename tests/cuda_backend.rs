@@ -11,10 +11,13 @@
 //! GPU machine that has neither the Python venv nor room for the checkpoints).
 
 mod common;
+#[allow(dead_code)] // this file uses the F16 and q4 bounds only
+#[path = "common/tolerance.rs"]
+mod tolerance;
 
 use common::Ckpt;
 use moellava_kernels::cpu::Activation;
-use moellava_kernels::quant::quantize_rows_vec;
+use moellava_kernels::quant::{dequantize_rows, quantize_rows_vec};
 use moellava_kernels::QuantType;
 use moellava_runtime::backend::cpu::CpuBackend;
 use moellava_runtime::backend::cuda::CudaBackend;
@@ -25,12 +28,10 @@ use moellava_runtime::model::moe::Gating;
 use moellava_runtime::model::weights::Weight;
 use moellava_runtime::model::{GenerateOptions, Model};
 
-/// Kernel outputs against the CPU's: both compute in f32 (weights decode identically, see
-/// cuda_dequant_host.rs) but sum in different orders; the bar for f16 compute is 5e-4.
+/// Kernel outputs against an exact reference: f32 arithmetic in another summation order (the matmul
+/// reference is f64 over ggml's dequantised weights, since the CPU backend rounds activations to 8 or
+/// 16 bits for ggml's dot products and the GPU kernels do not); the bar for f16 compute is 5e-4.
 const KERNEL_NMSE: f64 = 1e-6;
-/// Whole-model logits: the per-kernel differences compound over layers, and the f16 KV cache
-/// rounds the same values on both sides; still far inside the spec's F16 tolerance.
-const MODEL_NMSE: f64 = 1e-4;
 
 fn gpu() -> Option<CudaBackend> {
     match CudaBackend::open(0) {
@@ -89,11 +90,24 @@ fn matmul_matches_cpu_for_every_type_and_row_count() {
     let (n, k) = (96, 512);
     for q in QuantType::ALL {
         let w = weight(q, n, k);
+        let mut wdq = vec![0f32; n * k];
+        dequantize_rows(q, w.bytes(), &mut wdq).unwrap();
         for t in [1, 3, 9, 40] {
             let x = signal(t * k, 0.11);
-            let want = CpuBackend.to_host(&CpuBackend.matmul(&CpuBackend.from_host(x.clone(), k), &w).unwrap());
+            let want: Vec<f32> = (0..t * n)
+                .map(|i| {
+                    let (r, c) = (i / n, i % n);
+                    (0..k).map(|j| x[r * k + j] as f64 * wdq[c * k + j] as f64).sum::<f64>() as f32
+                })
+                .collect();
+            let cpu = CpuBackend.to_host(&CpuBackend.matmul(&CpuBackend.from_host(x.clone(), k), &w).unwrap());
             let xg = g.from_host(x, k);
             let got = g.to_host(&g.matmul(&xg, &w).unwrap());
+            println!(
+                "{q:?} T={t}: NMSE vs exact: gpu {:.2e}, cpu (ggml, rounded activations) {:.2e}",
+                nmse(&got, &want),
+                nmse(&cpu, &want)
+            );
             assert_close(&format!("{q:?} matmul T={t}"), &got, &want, KERNEL_NMSE);
             // Per-row results are the same whatever the batch: compare each row alone, bit for bit.
             let batch = g.to_host(&g.matmul_per_row(&xg, &w).unwrap());
@@ -196,6 +210,27 @@ fn attention_matches_cpu_prompt_and_cached() {
     }
 }
 
+/// `max |a − b| / max |b|`, the metric of the documented model tolerances (tests/common/tolerance.rs).
+fn max_rel(a: &[f32], b: &[f32]) -> f64 {
+    let num = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).fold(0.0, f64::max);
+    num / b.iter().map(|y| (*y as f64).abs()).fold(1e-30, f64::max)
+}
+
+/// The prompt's last-position logits and 8 greedy tokens of a model, on any backend.
+fn prompt_and_tokens<B: Backend>(m: &Model<B>, img: &image::Rgb8) -> (Vec<f32>, Vec<u32>) {
+    let prompt = m.question_prompt("What is in the picture?", true);
+    let input = m.prepare(&prompt, Some(img)).unwrap();
+    let mut c = m.new_kv_cache(input.ids.len() + 1);
+    let logits = m.forward(input.embeds, &mut c, &mut Gating::Deterministic, &mut Trace::default()).unwrap();
+    m.end_sequence().unwrap();
+    let o = GenerateOptions { max_new_tokens: 8, ignore_eos: true, ..GenerateOptions::default() };
+    let tokens = m.generate(m.prepare(&prompt, Some(img)).unwrap(), &o, &mut |_| {}).unwrap().tokens;
+    (logits, tokens)
+}
+
+/// Whole models: at f16 (the CPU rounds activations to f16 for ggml's dot products, the GPU keeps
+/// f32) within the documented F16 tolerance and the same 8 greedy tokens; at the q4 preset (the CPU
+/// also rounds activations to 8 bits) within the documented q4 bound and the same first token.
 #[test]
 fn whole_models_match_cpu_on_every_family() {
     let Some(_) = gpu() else { return };
@@ -204,56 +239,43 @@ fn whole_models_match_cpu_on_every_family() {
     for backbone in ["phi2", "stablelm", "qwen"] {
         for plan in ["q4", "f16"] {
             let Some(path) = model_file(backbone, plan, tmp.path()) else { continue };
-            let cpu = Model::load(&path).unwrap();
-            let gpu = Model::load_with(&path, CudaBackend::open(0).unwrap()).unwrap();
-            let prompt = cpu.question_prompt("What is in the picture?", true);
-            let logits = |m_cpu: Option<&Model>, m_gpu: Option<&Model<CudaBackend>>| -> Vec<f32> {
-                match (m_cpu, m_gpu) {
-                    (Some(m), _) => {
-                        let input = m.prepare(&prompt, Some(&img)).unwrap();
-                        let mut c = m.new_kv_cache(input.ids.len() + 1);
-                        m.forward(input.embeds, &mut c, &mut Gating::Deterministic, &mut Trace::default()).unwrap()
-                    }
-                    (_, Some(m)) => {
-                        let input = m.prepare(&prompt, Some(&img)).unwrap();
-                        let mut c = m.new_kv_cache(input.ids.len() + 1);
-                        m.forward(input.embeds, &mut c, &mut Gating::Deterministic, &mut Trace::default()).unwrap()
-                    }
-                    _ => unreachable!(),
-                }
-            };
-            assert_close(
-                &format!("{backbone} {plan} prompt logits"),
-                &logits(None, Some(&gpu)),
-                &logits(Some(&cpu), None),
-                MODEL_NMSE,
-            );
-            let o = GenerateOptions { max_new_tokens: 8, ignore_eos: true, ..GenerateOptions::default() };
-            let a = cpu.generate(cpu.prepare(&prompt, Some(&img)).unwrap(), &o, &mut |_| {}).unwrap();
-            let b = gpu.generate(gpu.prepare(&prompt, Some(&img)).unwrap(), &o, &mut |_| {}).unwrap();
-            assert_eq!(b.tokens, a.tokens, "{backbone} {plan}: greedy tokens differ between cuda and cpu");
+            let (want, want_tokens) = prompt_and_tokens(&Model::load(&path).unwrap(), &img);
+            let (got, tokens) = prompt_and_tokens(&Model::load_with(&path, CudaBackend::open(0).unwrap()).unwrap(), &img);
+            let e = max_rel(&got, &want);
+            println!("{backbone} {plan}: prompt logits max-rel {e:.2e}, tokens cuda {tokens:?} cpu {want_tokens:?}");
+            let (bound, agree) =
+                if plan == "f16" { (tolerance::F16_REL, tolerance::F16_GREEDY_AGREE) } else { (tolerance::Q4_PRESET_REL, 1) };
+            assert!(e <= bound, "{backbone} {plan}: prompt logits max-rel {e:.2e} > {bound:.0e}");
+            assert_eq!(tokens[..agree], want_tokens[..agree], "{backbone} {plan}: greedy tokens differ between cuda and cpu");
         }
     }
 }
 
+/// The VRAM tier at 25 % of the experts: with `copy` the very logits and tokens of the all-resident
+/// GPU run (same kernels on the same bytes); with `cpu` and `auto` some experts run on the CPU (rounded
+/// activations), so the q4 bound and the first token; resident bytes never above the budget.
 #[test]
-fn expert_tier_under_a_small_budget_gives_the_same_tokens() {
+fn expert_tier_under_a_small_budget() {
     use moellava_runtime::backend::vram::{GpuMem, MissPolicy};
     let Some(_) = gpu() else { return };
     let img = image::load(&common::root().join("tests/fixtures/images/wide.png")).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let Some(path) = model_file("phi2", "q4", tmp.path()) else { return };
-    let cpu = Model::load(&path).unwrap();
-    let prompt = cpu.question_prompt("What is in the picture?", true);
-    let o = GenerateOptions { max_new_tokens: 8, ignore_eos: true, ..GenerateOptions::default() };
-    let want = cpu.generate(cpu.prepare(&prompt, Some(&img)).unwrap(), &o, &mut |_| {}).unwrap().tokens;
+    let (want, want_tokens) = prompt_and_tokens(&Model::load_with(&path, CudaBackend::open(0).unwrap()).unwrap(), &img);
     for policy in [MissPolicy::Copy, MissPolicy::Cpu, MissPolicy::Auto] {
         let gpu = Model::load_with(&path, CudaBackend::open(0).unwrap()).unwrap();
         let budget = gpu.backend.enable_expert_tier(&gpu.file, "25%".parse::<GpuMem>().unwrap(), policy).unwrap();
-        let got = gpu.generate(gpu.prepare(&prompt, Some(&img)).unwrap(), &o, &mut |_| {}).unwrap().tokens;
-        assert_eq!(got, want, "{policy:?} at 25%: tokens differ from the CPU's");
+        let (got, tokens) = prompt_and_tokens(&gpu, &img);
         let r = gpu.backend.tier_report().unwrap();
         println!("{policy:?}: {r:?}");
+        if policy == MissPolicy::Copy {
+            assert_eq!(got, want, "copy at 25%: logits differ from the all-resident run");
+            assert_eq!(tokens, want_tokens, "copy at 25%: tokens differ from the all-resident run");
+        } else {
+            let e = max_rel(&got, &want);
+            assert!(e <= tolerance::Q4_PRESET_REL, "{policy:?} at 25%: max-rel {e:.2e}");
+            assert_eq!(tokens[0], want_tokens[0], "{policy:?} at 25%: first token");
+        }
         assert_eq!(r.budget_bytes, budget);
         assert!(r.resident_bytes <= budget, "resident {} > budget {budget}", r.resident_bytes);
         assert!(r.counters.misses > 0, "a 25% budget must miss");
