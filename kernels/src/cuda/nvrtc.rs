@@ -1,4 +1,5 @@
-//! NVRTC: finding the library, compiling a kernel file to PTX, and the on-disk PTX cache.
+//! NVRTC: finding the library, compiling a kernel file to PTX (CI's check) or to a CUBIN (what the
+//! runtime loads), and the on-disk cache of compiled kernels.
 //!
 //! `libnvrtc` is looked for, in order: the file or folder in `MOELLAVA_NVRTC`; the loader's own search
 //! (`LD_LIBRARY_PATH`, the system's CUDA); the `nvidia-cuda-nvrtc-cu12` wheel in the active Python
@@ -13,8 +14,8 @@ use cudarc::nvrtc::{self as cu_nvrtc, CompileOptions};
 
 /// Environment variable naming `libnvrtc.so*` (or its folder).
 pub const NVRTC_ENV: &str = "MOELLAVA_NVRTC";
-/// Environment variable naming the PTX cache folder (default `$XDG_CACHE_HOME/moellava/ptx` or
-/// `~/.cache/moellava/ptx`).
+/// Environment variable naming the folder of compiled kernels (default `$XDG_CACHE_HOME/moellava/ptx`
+/// or `~/.cache/moellava/ptx`).
 pub const CACHE_ENV: &str = "MOELLAVA_PTX_CACHE";
 
 /// Folders that may hold the library, after the loader's own search.
@@ -91,7 +92,11 @@ fn open_and_keep(lib: &Path) -> Result<(), String> {
     if unsafe { cu_nvrtc::sys::is_culib_present() } {
         Ok(())
     } else {
-        Err(format!("loaded {} but cudarc still cannot open libnvrtc by name", lib.display()))
+        Err(format!(
+            "loaded {} but cudarc still cannot open libnvrtc by name (it asks for libnvrtc.so or libnvrtc.so.12: \
+             put a `libnvrtc.so` link to this file in a folder on LD_LIBRARY_PATH)",
+            lib.display()
+        ))
     }
 }
 
