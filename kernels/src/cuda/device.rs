@@ -16,6 +16,7 @@ use cudarc::driver::{
 };
 
 use super::{nvrtc, type_suffix, SOURCES};
+use crate::cpu::attention::AttnShape;
 use crate::cpu::Activation;
 use crate::QuantType;
 
@@ -439,7 +440,6 @@ impl Gpu {
         launched(unsafe { self.stream.launch_builder(self.f("rms_norm")).arg(x).arg(w).arg(&c).arg(&eps).launch(cfg) })
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub fn rope_neox(
         &self,
         x: &mut CudaSlice<f32>,
@@ -595,20 +595,15 @@ impl Gpu {
     }
 
     /// Attention of q `[T, n_head·hd]` over the first `p` rows of k and v (see attention.cu).
-    #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
         q: &CudaSlice<f32>,
         k: KvRef<'_>,
         v: KvRef<'_>,
         p: usize,
-        n_head: usize,
-        n_kv: usize,
-        hd: usize,
-        first_pos: usize,
-        causal: bool,
-        scale: f32,
+        shape: AttnShape,
     ) -> Result<CudaSlice<f32>> {
+        let AttnShape { n_head, n_kv_head: n_kv, head_dim: hd, first_pos, causal, scale } = shape;
         let t = q.len() / (n_head * hd).max(1);
         check(p <= MAX_ATTENTION_KEYS && hd <= 256 && n_kv > 0 && n_head % n_kv == 0, || {
             format!("attention over {p} keys (at most {MAX_ATTENTION_KEYS}), head dim {hd} (at most 256), {n_head} heads / {n_kv} KV heads")

@@ -277,16 +277,21 @@ impl CudaBackend {
         GpuMat { buf: Arc::new(buf), rows, cols }
     }
 
+    /// Attention of `q` over the first `p` rows of `k` and `v`, `[T, n_head·head_dim]`.
+    fn attend(&self, q: &GpuMat, k: KvRef<'_>, v: KvRef<'_>, p: usize, s: AttnShape) -> GpuMat {
+        let cols = s.n_head * s.head_dim;
+        match self.gpu.attention(&q.buf, k, v, p, s) {
+            Ok(b) => self.mat(b, q.rows, cols),
+            Err(e) => self.failed(e, q.rows, cols),
+        }
+    }
+
     /// Stands in for a result that could not be made: the error is recorded (and reported by the next
     /// fallible call); later ops on this stand-in fail their size checks instead of touching memory.
     fn failed(&self, e: GpuError, rows: usize, cols: usize) -> GpuMat {
         self.record(Err(e));
         GpuMat { buf: self.null.clone(), rows, cols }
     }
-}
-
-fn kv_ref(kv: &DevKv) -> KvRef<'_> {
-    kv.buf.as_ref()
 }
 
 impl Backend for CudaBackend {
@@ -408,43 +413,11 @@ impl Backend for CudaBackend {
     }
 
     fn attention(&self, q: &GpuMat, k: &GpuMat, v: &GpuMat, s: AttnShape) -> GpuMat {
-        let cols = s.n_head * s.head_dim;
-        let r = self.gpu.attention(
-            &q.buf,
-            KvRef::F32(&k.buf),
-            KvRef::F32(&v.buf),
-            k.rows,
-            s.n_head,
-            s.n_kv_head,
-            s.head_dim,
-            s.first_pos,
-            s.causal,
-            s.scale,
-        );
-        match r {
-            Ok(b) => self.mat(b, q.rows, cols),
-            Err(e) => self.failed(e, q.rows, cols),
-        }
+        self.attend(q, KvRef::F32(&k.buf), KvRef::F32(&v.buf), k.rows, s)
     }
 
     fn attention_cached(&self, q: &GpuMat, k: &DevKv, v: &DevKv, s: AttnShape) -> GpuMat {
-        let cols = s.n_head * s.head_dim;
-        let r = self.gpu.attention(
-            &q.buf,
-            kv_ref(k),
-            kv_ref(v),
-            k.rows,
-            s.n_head,
-            s.n_kv_head,
-            s.head_dim,
-            s.first_pos,
-            s.causal,
-            s.scale,
-        );
-        match r {
-            Ok(b) => self.mat(b, q.rows, cols),
-            Err(e) => self.failed(e, q.rows, cols),
-        }
+        self.attend(q, k.buf.as_ref(), v.buf.as_ref(), k.rows, s)
     }
 
     fn split_cols(&self, x: &GpuMat, widths: &[usize]) -> Vec<GpuMat> {
