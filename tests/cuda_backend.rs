@@ -103,12 +103,15 @@ fn matmul_matches_cpu_for_every_type_and_row_count() {
             let cpu = CpuBackend.to_host(&CpuBackend.matmul(&CpuBackend.from_host(x.clone(), k), &w).unwrap());
             let xg = g.from_host(x, k);
             let got = g.to_host(&g.matmul(&xg, &w).unwrap());
+            let plain = g.to_host(&g.matmul_reference(&xg, &w).unwrap());
             println!(
-                "{q:?} T={t}: NMSE vs exact: gpu {:.2e}, cpu (ggml, rounded activations) {:.2e}",
+                "{q:?} T={t}: NMSE vs exact: gpu {:.2e}, gpu plain kernel {:.2e}, cpu (ggml, rounded activations) {:.2e}",
                 nmse(&got, &want),
+                nmse(&plain, &want),
                 nmse(&cpu, &want)
             );
-            assert_close(&format!("{q:?} matmul T={t}"), &got, &want, KERNEL_NMSE);
+            assert_close(&format!("{q:?} plain matvec T={t}"), &plain, &want, KERNEL_NMSE);
+            assert_close(&format!("{q:?} matmul T={t}"), &got, &plain, KERNEL_NMSE);
             // Per-row results are the same whatever the batch: compare each row alone, bit for bit.
             let batch = g.to_host(&g.matmul_per_row(&xg, &w).unwrap());
             for r in 0..t {

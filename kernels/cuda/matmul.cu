@@ -4,7 +4,9 @@
 // for the expert-indexed variant W is the stacked [E·N, K] tensor and y [S, N] has one row per
 // routed (token, expert) slot.
 //
-// Three kernels per type:
+// Four kernels per type:
+//   matvec_ref_<ty>      the plain reference: one thread per output, the row's chunks in order. Slow;
+//                        the GPU tests check the fast kernels against it (and it against f64).
 //   matvec_<ty>          decode: one warp per output row, lanes stride over 32-value chunks, up to
 //                        MV_MAX_T tokens per block share each dequantised chunk. The reduction order
 //                        of y[t, n] does not depend on T, so a batch of sequences gets exactly what
@@ -47,6 +49,20 @@ DEV void matvec(const u8* W, long long row_bytes, const float* x, float* y, int 
     }
 }
 
+// y[t, n], one thread each, chunks in order. grid ⌈T·N/128⌉, block 128.
+template <int TY>
+DEV void matvec_ref(const u8* W, long long row_bytes, const float* x, float* y, int N, int K, int T) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)T * N) return;
+    const int t = (int)(i / N), n = (int)(i % N);
+    float w[32], acc = 0.0f;
+    for (int c = 0; c < K / 32; c++) {
+        dq32<TY>(W + (long long)n * row_bytes, c, w);
+        acc += dot32(w, x + (long long)t * K + 32 * c);
+    }
+    y[i] = acc;
+}
+
 // Slot s: token slot_token[s] through expert slot_expert[s] → y[s, :]. grid (⌈N/MV_WARPS⌉, S).
 template <int TY>
 DEV void matvec_experts(const u8* W, long long row_bytes, const float* x, float* y, const int* slot_token,
@@ -77,6 +93,10 @@ DEV void dequant(const u8* W, long long row_bytes, float* out, int N, int K) {
 }
 
 #define MATMUL_KERNELS(name, TY)                                                                          \
+    extern "C" __global__ void matvec_ref_##name(const u8* W, long long rb, const float* x, float* y,     \
+                                                 int N, int K, int T) {                                   \
+        matvec_ref<TY>(W, rb, x, y, N, K, T);                                                             \
+    }                                                                                                     \
     extern "C" __global__ void matvec_##name(const u8* W, long long rb, const float* x, float* y, int N,  \
                                              int K, int T) {                                              \
         matvec<TY>(W, rb, x, y, N, K, T);                                                                 \

@@ -293,6 +293,25 @@ impl Gpu {
         Ok(y)
     }
 
+    /// [`Gpu::matvec`]'s plain reference (`matvec_ref_*`: one thread per output, chunks in order).
+    pub fn matvec_ref(&self, w: &DevWeight, x: &CudaSlice<f32>, t_rows: usize) -> Result<CudaSlice<f32>> {
+        let (n, k) = (w.rows, w.cols);
+        check(x.len() >= t_rows * k, || format!("matvec_ref: x has {} values, [{t_rows}, {k}] needs more", x.len()))?;
+        let mut y = self.zeros::<f32>(t_rows * n)?;
+        let cfg = LaunchConfig {
+            grid_dim: ((t_rows * n).div_ceil(128).max(1) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let f = self.f(&format!("matvec_ref_{}", type_suffix(w.qtype)));
+        let (rb, ni, ki, ti) = (w.row_bytes() as i64, n as i32, k as i32, t_rows as i32);
+        // SAFETY: as `matvec`: W holds n rows of rb bytes, x ≥ t_rows·k values, y t_rows·n values.
+        launched(unsafe {
+            self.stream.launch_builder(f).arg(&w.bytes).arg(&rb).arg(x).arg(&mut y).arg(&ni).arg(&ki).arg(&ti).launch(cfg)
+        })?;
+        Ok(y)
+    }
+
     /// `x[T, K] · Wᵀ`: matvec below [`GEMM_MIN_ROWS`] rows, else dequantise + tiled GEMM.
     pub fn matmul(&self, w: &DevWeight, x: &CudaSlice<f32>, t_rows: usize) -> Result<CudaSlice<f32>> {
         if t_rows < GEMM_MIN_ROWS {

@@ -68,7 +68,7 @@ pub fn type_id(q: QuantType) -> u32 {
 pub fn kernel_names() -> Vec<(&'static str, String)> {
     let mut names = Vec::new();
     for q in QuantType::ALL {
-        for kind in ["matvec", "matvec_experts", "dequant"] {
+        for kind in ["matvec_ref", "matvec", "matvec_experts", "dequant"] {
             names.push(("matmul.cu", format!("{kind}_{}", type_suffix(q))));
         }
     }

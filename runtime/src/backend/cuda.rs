@@ -178,6 +178,12 @@ impl CudaBackend {
         Ok(self.gpu.copy_bandwidth_gb_s(bytes)?)
     }
 
+    /// `x · Wᵀ` by the plain reference kernel (`matvec_ref_*`), for tests of the fast kernels.
+    pub fn matmul_reference(&self, x: &GpuMat, w: &Weight) -> Result<GpuMat> {
+        let d = self.weight(w)?;
+        Ok(self.mat(self.gpu.matvec_ref(&d, &x.buf, x.rows)?, x.rows, w.rows))
+    }
+
     /// Bytes of weights uploaded so far.
     pub fn resident_weight_bytes(&self) -> usize {
         self.weights.lock().map(|w| w.values().map(|d| d.bytes.len()).sum()).unwrap_or(0)
