@@ -359,6 +359,9 @@ impl Gpu {
             "expert matvec: a slot names a token or expert out of range".into()
         })?;
         check(x.len() >= t_rows * k, || format!("expert matvec: x has {} values, [{t_rows}, {k}] needs more", x.len()))?;
+        if s == 0 {
+            return self.zeros::<f32>(0);
+        }
         let (st, se) = (self.upload(slot_token)?, self.upload(slot_expert)?);
         let mut y = self.zeros::<f32>(s * n)?;
         let cfg = LaunchConfig {
@@ -514,6 +517,9 @@ impl Gpu {
     pub fn gather_rows(&self, x: &CudaSlice<f32>, cols: usize, rows: &[usize]) -> Result<CudaSlice<f32>> {
         let have = x.len() / cols.max(1);
         check(rows.iter().all(|r| *r < have), || format!("gather of rows {rows:?} from {have}"))?;
+        if rows.is_empty() {
+            return self.zeros::<f32>(0); // nothing to copy (an expert no token kept)
+        }
         let ids: Vec<i32> = rows.iter().map(|r| *r as i32).collect();
         let ids_d = self.upload(&ids)?;
         let mut y = self.zeros::<f32>(rows.len() * cols)?;
