@@ -33,7 +33,9 @@ pub fn runtime_error_in(context: &str, e: RuntimeError) -> PyErr {
         | RuntimeError::Tokenizer(_) => FormatError::new_err(msg),
         RuntimeError::Image(_) => ImageError::new_err(msg),
         RuntimeError::Cancelled => PyKeyboardInterrupt::new_err(msg),
-        RuntimeError::Unsupported(_) | RuntimeError::Prompt(_) | RuntimeError::Kernel(_) => ModelError::new_err(msg),
+        RuntimeError::Unsupported(_) | RuntimeError::Prompt(_) | RuntimeError::Kernel(_) | RuntimeError::Gpu(_) => {
+            ModelError::new_err(msg)
+        }
     }
 }
 
