@@ -28,37 +28,31 @@ DEV u16 f2h(float f) {
 
 DEV float bits_to_f32(u32 b) { return __uint_as_float(b); }
 
-// Sum of `v` over the 32 lanes of a warp (every lane gets it).
-DEV float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+// Sum (or, with MAX, maximum) of `v` over the 32 lanes of a warp (every lane gets it).
+template <bool MAX>
+DEV float warp_reduce(float v) {
+    for (int o = 16; o > 0; o >>= 1) {
+        const float u = __shfl_xor_sync(0xffffffffu, v, o);
+        v = MAX ? fmaxf(v, u) : v + u;
+    }
     return v;
 }
 
-DEV float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
-// Sum over the block (blockDim.x a multiple of 32, at most 1024); `scratch` holds 32 floats.
-DEV float block_sum(float v, float* scratch) {
+// The same over the block (blockDim.x a multiple of 32, at most 1024); `scratch` holds 32 floats.
+template <bool MAX>
+DEV float block_reduce(float v, float* scratch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
-    v = warp_sum(v);
+    v = warp_reduce<MAX>(v);
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    v = lane < n_warps ? scratch[lane] : 0.0f;
-    return warp_sum(v);
+    v = lane < n_warps ? scratch[lane] : (MAX ? -3.402823466e38f : 0.0f);
+    return warp_reduce<MAX>(v);
 }
 
-DEV float block_max(float v, float* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = lane < n_warps ? scratch[lane] : -3.402823466e38f;
-    return warp_max(v);
-}
+DEV float warp_sum(float v) { return warp_reduce<false>(v); }
+DEV float block_sum(float v, float* scratch) { return block_reduce<false>(v, scratch); }
+DEV float block_max(float v, float* scratch) { return block_reduce<true>(v, scratch); }
 
 #else  // host C++ (the dequantisation check)
 #include <cstring>

@@ -71,7 +71,7 @@ impl DevWeight {
     }
 }
 
-/// Cached key or value rows `[rows, cols]` with room for `capacity` rows.
+/// The buffer of cached key or value rows, in the cache's element type.
 pub enum KvBuf {
     F32(CudaSlice<f32>),
     F16(CudaSlice<u16>),
@@ -102,11 +102,17 @@ impl KvRef<'_> {
     }
 }
 
+/// Cached key or value rows `[rows, cols]`; the buffer has room for [`DevKv::capacity`] rows.
 pub struct DevKv {
     pub buf: KvBuf,
     pub rows: usize,
     pub cols: usize,
-    pub capacity: usize,
+}
+
+impl DevKv {
+    pub fn capacity(&self) -> usize {
+        self.buf.as_ref().len() / self.cols.max(1)
+    }
 }
 
 pub struct Gpu {
@@ -217,10 +223,6 @@ impl Gpu {
         drv(self.stream.alloc_zeros(n.max(1)))
     }
 
-    pub fn copy(&self, x: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
-        drv(self.stream.clone_dtod(x))
-    }
-
     /// `dst[at..at + n] = src[..n]`.
     pub fn copy_into(&self, src: &CudaSlice<f32>, n: usize, dst: &mut CudaSlice<f32>, at: usize) -> Result<()> {
         check(n <= src.len() && at + n <= dst.len(), || {
@@ -275,37 +277,34 @@ impl Gpu {
     /// `y[t, n] = W[n, :] · x[t, :]` with the matvec kernel: each output's sum is formed the same way
     /// whatever `t_rows` is (a row's result does not depend on the other rows).
     pub fn matvec(&self, w: &DevWeight, x: &CudaSlice<f32>, t_rows: usize) -> Result<CudaSlice<f32>> {
-        let (n, k) = (w.rows, w.cols);
-        check(x.len() >= t_rows * k, || format!("matvec: x has {} values, [{t_rows}, {k}] needs more", x.len()))?;
-        let mut y = self.zeros::<f32>(t_rows * n)?;
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(MV_WARPS) as u32, t_rows.div_ceil(MV_MAX_T).max(1) as u32, 1),
-            block_dim: (32 * MV_WARPS as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let f = self.f(&format!("matvec_{}", type_suffix(w.qtype)));
-        let (rb, ni, ki, ti) = (w.row_bytes() as i64, n as i32, k as i32, t_rows as i32);
-        // SAFETY: W holds n rows of rb bytes, x ≥ t_rows·k values, y t_rows·n values (checked above);
-        // the kernel's parameter list is (u8*, i64, f32*, f32*, i32, i32, i32).
-        launched(unsafe {
-            self.stream.launch_builder(f).arg(&w.bytes).arg(&rb).arg(x).arg(&mut y).arg(&ni).arg(&ki).arg(&ti).launch(cfg)
-        })?;
-        Ok(y)
+        let grid = (w.rows.div_ceil(MV_WARPS) as u32, t_rows.div_ceil(MV_MAX_T).max(1) as u32, 1);
+        self.launch_matvec("matvec", (grid, 32 * MV_WARPS as u32), w, x, t_rows)
     }
 
     /// [`Gpu::matvec`]'s plain reference (`matvec_ref_*`: one thread per output, chunks in order).
     pub fn matvec_ref(&self, w: &DevWeight, x: &CudaSlice<f32>, t_rows: usize) -> Result<CudaSlice<f32>> {
+        let grid = ((t_rows * w.rows).div_ceil(128).max(1) as u32, 1, 1);
+        self.launch_matvec("matvec_ref", (grid, 128), w, x, t_rows)
+    }
+
+    /// Launches `{kind}_{type}` (parameters `(u8* W, i64 row_bytes, f32* x, f32* y, i32 N, i32 K,
+    /// i32 T)`) with `(grid, threads per block)`.
+    fn launch_matvec(
+        &self,
+        kind: &str,
+        (grid, block): ((u32, u32, u32), u32),
+        w: &DevWeight,
+        x: &CudaSlice<f32>,
+        t_rows: usize,
+    ) -> Result<CudaSlice<f32>> {
         let (n, k) = (w.rows, w.cols);
-        check(x.len() >= t_rows * k, || format!("matvec_ref: x has {} values, [{t_rows}, {k}] needs more", x.len()))?;
+        check(x.len() >= t_rows * k, || format!("{kind}: x has {} values, [{t_rows}, {k}] needs more", x.len()))?;
         let mut y = self.zeros::<f32>(t_rows * n)?;
-        let cfg = LaunchConfig {
-            grid_dim: ((t_rows * n).div_ceil(128).max(1) as u32, 1, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let f = self.f(&format!("matvec_ref_{}", type_suffix(w.qtype)));
+        let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+        let f = self.f(&format!("{kind}_{}", type_suffix(w.qtype)));
         let (rb, ni, ki, ti) = (w.row_bytes() as i64, n as i32, k as i32, t_rows as i32);
-        // SAFETY: as `matvec`: W holds n rows of rb bytes, x ≥ t_rows·k values, y t_rows·n values.
+        // SAFETY: W holds n rows of rb bytes, x ≥ t_rows·k values, y t_rows·n values (checked above);
+        // both kernel kinds take (u8*, i64, f32*, f32*, i32, i32, i32) and bound their indices by N and T.
         launched(unsafe {
             self.stream.launch_builder(f).arg(&w.bytes).arg(&rb).arg(x).arg(&mut y).arg(&ni).arg(&ki).arg(&ti).launch(cfg)
         })?;
@@ -468,22 +467,20 @@ impl Gpu {
         n_head: usize,
         head_dim: usize,
         rot_dims: usize,
-        positions: &[usize],
+        pos: &CudaSlice<i32>,
         base: f32,
     ) -> Result<()> {
-        let rows = positions.len();
+        let rows = pos.len();
         check(x.len() == rows * n_head * head_dim && rot_dims <= head_dim && rot_dims % 2 == 0, || {
             format!("rope: {} values for {rows} rows of {n_head}×{head_dim}, {rot_dims} rotated", x.len())
         })?;
-        let pos: Vec<i32> = positions.iter().map(|p| *p as i32).collect();
-        let pos = self.upload(&pos)?;
         let (r, h, d, rd) = (rows as i32, n_head as i32, head_dim as i32, rot_dims as i32);
         // SAFETY: x is [rows, n_head·head_dim], positions has `rows` entries, rot_dims ≤ head_dim (checked).
         launched(unsafe {
             self.stream
                 .launch_builder(self.f("rope_neox"))
                 .arg(x)
-                .arg(&pos)
+                .arg(pos)
                 .arg(&r)
                 .arg(&h)
                 .arg(&d)
@@ -567,10 +564,19 @@ impl Gpu {
         })
     }
 
+    /// A zeroed buffer of `len` values starting with the first `used` values of `old`.
+    fn grown<T: DeviceRepr + ValidAsZeroBits>(&self, old: &CudaSlice<T>, used: usize, len: usize) -> Result<CudaSlice<T>> {
+        let mut new = self.zeros::<T>(len)?;
+        if used > 0 {
+            drv(self.stream.memcpy_dtod(&old.slice(..used), &mut new.slice_mut(..used)))?;
+        }
+        Ok(new)
+    }
+
     pub fn kv_with_capacity(&self, cols: usize, f16: bool, capacity: usize) -> Result<DevKv> {
         let n = capacity.max(1) * cols;
         let buf = if f16 { KvBuf::F16(self.zeros(n)?) } else { KvBuf::F32(self.zeros(n)?) };
-        Ok(DevKv { buf, rows: 0, cols, capacity: capacity.max(1) })
+        Ok(DevKv { buf, rows: 0, cols })
     }
 
     /// Appends the first `n` values of `src` (rows `[n / cols, cols]` f32), growing the buffer
@@ -582,26 +588,13 @@ impl Gpu {
         }
         let src = src.slice(..n);
         let add = n / kv.cols.max(1);
-        if kv.rows + add > kv.capacity {
-            let capacity = (kv.rows + add).max(2 * kv.capacity);
+        if kv.rows + add > kv.capacity() {
+            let len = (kv.rows + add).max(2 * kv.capacity()) * kv.cols;
             let used = kv.rows * kv.cols;
             kv.buf = match &kv.buf {
-                KvBuf::F32(old) => {
-                    let mut new = self.zeros::<f32>(capacity * kv.cols)?;
-                    if used > 0 {
-                        drv(self.stream.memcpy_dtod(&old.slice(..used), &mut new.slice_mut(..used)))?;
-                    }
-                    KvBuf::F32(new)
-                }
-                KvBuf::F16(old) => {
-                    let mut new = self.zeros::<u16>(capacity * kv.cols)?;
-                    if used > 0 {
-                        drv(self.stream.memcpy_dtod(&old.slice(..used), &mut new.slice_mut(..used)))?;
-                    }
-                    KvBuf::F16(new)
-                }
+                KvBuf::F32(old) => KvBuf::F32(self.grown(old, used, len)?),
+                KvBuf::F16(old) => KvBuf::F16(self.grown(old, used, len)?),
             };
-            kv.capacity = capacity;
         }
         let at = kv.rows * kv.cols;
         match &mut kv.buf {

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use cudarc::nvrtc::{self as cu_nvrtc, CompileOptions};
+use cudarc::nvrtc as cu_nvrtc;
 
 /// Environment variable naming `libnvrtc.so*` (or its folder).
 pub const NVRTC_ENV: &str = "MOELLAVA_NVRTC";
@@ -110,58 +110,69 @@ pub fn version() -> Result<(i32, i32), String> {
 }
 
 /// Compiles one kernel file (`name`, its `source` without the shared prelude) to PTX for the virtual
-/// architecture `compute_{arch}` (e.g. 90 for Hopper). Errors carry NVRTC's log.
+/// architecture `compute_{arch}` (e.g. 90 for Hopper): what CI checks. Errors carry NVRTC's log.
 pub fn compile(name: &str, source: &str, arch: u32) -> Result<String, String> {
-    load()?;
-    let opts = CompileOptions {
-        name: Some(name.to_string()),
-        options: vec![format!("--gpu-architecture=compute_{arch}"), "--std=c++17".into(), "-default-device".into()],
-        ..Default::default()
-    };
-    match cu_nvrtc::compile_ptx_with_opts(super::program(source), opts) {
-        Ok(ptx) => Ok(ptx.to_src()),
-        Err(cu_nvrtc::CompileError::CompileError { log, .. }) => {
-            Err(format!("NVRTC could not compile {name} for compute_{arch}:\n{}", log.to_string_lossy()))
-        }
-        Err(e) => Err(format!("NVRTC failed on {name}: {e}")),
-    }
+    let ptx = nvrtc_compile(name, source, &format!("compute_{arch}"), Output::Ptx)?;
+    // NVRTC's PTX is NUL-terminated text.
+    Ok(String::from_utf8_lossy(ptx.split(|b| *b == 0).next().unwrap_or(&[])).into_owned())
 }
 
 /// Compiles one kernel file to a CUBIN (machine code) for the real architecture `sm_{arch}`: what
 /// the runtime loads, because a CUBIN from a newer NVRTC still loads on an older driver of the same
 /// CUDA major version, where PTX of a newer ISA would be refused.
 pub fn compile_cubin(name: &str, source: &str, arch: u32) -> Result<Vec<u8>, String> {
+    nvrtc_compile(name, source, &format!("sm_{arch}"), Output::Cubin)
+}
+
+enum Output {
+    Ptx,
+    Cubin,
+}
+
+/// One NVRTC compilation of `name` (the shared prelude + `source`) for `--gpu-architecture=gpu_arch`.
+fn nvrtc_compile(name: &str, source: &str, gpu_arch: &str, out: Output) -> Result<Vec<u8>, String> {
     use std::ffi::CString;
     load()?;
     let src = CString::new(super::program(source)).map_err(|_| format!("{name}: NUL byte in the source"))?;
     let cname = CString::new(name).map_err(|_| format!("{name}: NUL byte in the name"))?;
     let prog = cu_nvrtc::result::create_program(&src, Some(&cname)).map_err(|e| format!("NVRTC failed on {name}: {e:?}"))?;
-    let opts = [format!("--gpu-architecture=sm_{arch}"), "--std=c++17".into(), "-default-device".into()];
+    let opts = [format!("--gpu-architecture={gpu_arch}"), "--std=c++17".into(), "-default-device".into()];
     // SAFETY: `prog` was created above and is destroyed once, at the end; `src` and `cname` outlive it;
-    // the CUBIN buffer is sized by nvrtcGetCUBINSize before nvrtcGetCUBIN writes into it.
-    let out = unsafe {
+    // the output buffer is sized by nvrtcGet{PTX,CUBIN}Size before nvrtcGet{PTX,CUBIN} writes into it.
+    unsafe {
         let r = match cu_nvrtc::result::compile_program(prog, &opts) {
             Err(_) => {
                 let log = cu_nvrtc::result::get_program_log(prog).unwrap_or_default();
                 let log: Vec<u8> = log.iter().take_while(|c| **c != 0).map(|c| *c as u8).collect();
-                Err(format!("NVRTC could not compile {name} for sm_{arch}:\n{}", String::from_utf8_lossy(&log)))
+                Err(format!("NVRTC could not compile {name} for {gpu_arch}:\n{}", String::from_utf8_lossy(&log)))
             }
             Ok(()) => {
-                let mut size = 0usize;
-                cu_nvrtc::sys::nvrtcGetCUBINSize(prog, &mut size)
-                    .result()
-                    .map_err(|e| format!("{name}: nvrtcGetCUBINSize: {e:?}"))?;
+                let (mut size, what) = (
+                    0usize,
+                    match out {
+                        Output::Ptx => "PTX",
+                        Output::Cubin => "CUBIN",
+                    },
+                );
+                let sized = match out {
+                    Output::Ptx => cu_nvrtc::sys::nvrtcGetPTXSize(prog, &mut size),
+                    Output::Cubin => cu_nvrtc::sys::nvrtcGetCUBINSize(prog, &mut size),
+                };
                 let mut bin = vec![0u8; size];
-                cu_nvrtc::sys::nvrtcGetCUBIN(prog, bin.as_mut_ptr() as *mut std::ffi::c_char)
+                let got = sized.result().and_then(|()| {
+                    let p = bin.as_mut_ptr() as *mut std::ffi::c_char;
+                    match out {
+                        Output::Ptx => cu_nvrtc::sys::nvrtcGetPTX(prog, p),
+                        Output::Cubin => cu_nvrtc::sys::nvrtcGetCUBIN(prog, p),
+                    }
                     .result()
-                    .map_err(|e| format!("{name}: nvrtcGetCUBIN: {e:?}"))?;
-                Ok(bin)
+                });
+                got.map(|()| bin).map_err(|e| format!("{name}: reading NVRTC's {what}: {e:?}"))
             }
         };
         let _ = cu_nvrtc::result::destroy_program(prog);
         r
-    };
-    out
+    }
 }
 
 /// Whether a CUBIN (an ELF image) names the kernel `name` (its symbol table holds the name as a

@@ -37,31 +37,31 @@ pub struct GpuMat {
     cols: usize,
 }
 
-/// A host vector's checksum and its device copy.
-type Uploaded = (u64, Arc<CudaSlice<f32>>);
-
 pub struct CudaBackend {
     gpu: Gpu,
     /// Weights mapped from the file, by (address, length) of their bytes: stable for the map's life.
-    weights: Mutex<HashMap<(usize, usize), Arc<DevWeight>>>,
-    /// Bias and norm vectors by (address, length), with a checksum of their values (a freed and
-    /// reused address must not return stale values).
-    vectors: Mutex<HashMap<(usize, usize), Uploaded>>,
+    weights: Mutex<HashMap<Key, Arc<DevWeight>>>,
+    /// Bias and norm vectors by (address, length): model parameters, which the `Backend` contract
+    /// keeps alive and unchanged for the backend's life, so each is uploaded once.
+    vectors: Mutex<HashMap<Key, Arc<CudaSlice<f32>>>>,
     error: Mutex<Option<GpuError>>,
     /// A one-value buffer standing in for a matrix whose own could not be made (after an error).
     null: Arc<CudaSlice<f32>>,
     tier: Mutex<Option<ExpertTier>>,
+    /// The positions of the last `rope` call, on the host and on the device.
+    last_positions: Mutex<Option<Positions>>,
 }
 
 /// The VRAM expert tier: which experts are resident (by the address and length of their mapped bytes).
 struct ExpertTier {
-    plan: VramPlan<(usize, usize)>,
-    resident: HashMap<(usize, usize), Arc<DevWeight>>,
+    plan: VramPlan<Key>,
+    resident: HashMap<Key, Arc<DevWeight>>,
     policy: MissPolicy,
     pcie_gb_s: f64,
     cpu_gb_s: f64,
-    /// Declared after nothing that frees the map: `_file` keeps it mapped until `_pinned` unregisters.
-    _pinned: Option<PinnedRange>,
+    /// The map page-locked in place. Fields drop in order: this unregisters before `_file` (which
+    /// keeps the map alive) is released.
+    pinned: Option<PinnedRange>,
     _file: Arc<GgufFile>,
 }
 
@@ -89,8 +89,14 @@ impl From<GpuError> for RuntimeError {
     }
 }
 
-fn checksum(v: &[f32]) -> u64 {
-    v.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, x| (h ^ x.to_bits() as u64).wrapping_mul(0x0000_0100_0000_01b3))
+/// Rotary positions as the caller gave them, and their device copy.
+type Positions = (Vec<usize>, Arc<CudaSlice<i32>>);
+
+/// Where host bytes are: (address, length), the key of the upload tables.
+type Key = (usize, usize);
+
+fn key_of<T>(bytes: &[T]) -> Key {
+    (bytes.as_ptr() as usize, bytes.len())
 }
 
 impl CudaBackend {
@@ -105,6 +111,7 @@ impl CudaBackend {
             error: Mutex::default(),
             null,
             tier: Mutex::default(),
+            last_positions: Mutex::default(),
         })
     }
 
@@ -142,7 +149,7 @@ impl CudaBackend {
             policy,
             pcie_gb_s,
             cpu_gb_s,
-            _pinned: pinned,
+            pinned,
             _file: file.clone(),
         });
         Ok(budget)
@@ -156,7 +163,7 @@ impl CudaBackend {
             budget_bytes: t.plan.budget(),
             resident_bytes: t.plan.used(),
             miss_policy: t.policy,
-            pinned: t._pinned.is_some(),
+            pinned: t.pinned.is_some(),
             pcie_gb_s: t.pcie_gb_s,
             cpu_gb_s: t.cpu_gb_s,
             counters: t.plan.counters,
@@ -205,17 +212,20 @@ impl CudaBackend {
         }
     }
 
+    fn upload(&self, w: &Weight) -> Result<Arc<DevWeight>> {
+        Ok(Arc::new(self.gpu.upload_weight(w.bytes(), w.qtype, w.rows, w.cols)?))
+    }
+
     fn weight(&self, w: &Weight) -> Result<Arc<DevWeight>> {
-        let upload = || self.gpu.upload_weight(w.bytes(), w.qtype, w.rows, w.cols).map(Arc::new);
         if w.file_range().is_none() {
             // A RAM expert-cache slot: its bytes change when the slot is reused.
-            return Ok(upload()?);
+            return self.upload(w);
         }
-        let key = (w.bytes().as_ptr() as usize, w.n_bytes());
+        let key = key_of(w.bytes());
         if let Some(d) = self.weights.lock().expect("weight table").get(&key) {
             return Ok(d.clone());
         }
-        let d = upload()?;
+        let d = self.upload(w)?;
         self.weights.lock().expect("weight table").insert(key, d.clone());
         Ok(d)
     }
@@ -226,17 +236,16 @@ impl CudaBackend {
         if w.file_range().is_some() && TensorClass::of(&w.name) == TensorClass::Experts {
             let mut guard = self.tier.lock().expect("tier");
             if let Some(tier) = guard.as_mut() {
-                let key = (w.bytes().as_ptr() as usize, w.n_bytes());
+                let key = key_of(w.bytes());
                 let cpu = vram::cpu_wins(tier.policy, rows, tier.pcie_gb_s, tier.cpu_gb_s);
-                let upload = || self.gpu.upload_weight(w.bytes(), w.qtype, w.rows, w.cols).map(Arc::new);
                 let load = |tier: &mut ExpertTier| -> Result<Placement> {
-                    let d = upload()?;
+                    let d = self.upload(w)?;
                     tier.resident.insert(key, d.clone());
                     Ok(Placement::Gpu(d))
                 };
                 return match tier.plan.plan(&key, w.n_bytes() as u64, cpu) {
                     Plan::Cpu => Ok(Placement::Cpu),
-                    Plan::Stream => Ok(Placement::Gpu(upload()?)),
+                    Plan::Stream => Ok(Placement::Gpu(self.upload(w)?)),
                     Plan::Hit => match tier.resident.get(&key) {
                         Some(d) => Ok(Placement::Gpu(d.clone())),
                         None => load(tier), // its copy failed earlier
@@ -266,16 +275,28 @@ impl CudaBackend {
         Ok(self.from_host(out, w.rows))
     }
 
-    fn vector(&self, v: &[f32]) -> std::result::Result<Arc<CudaSlice<f32>>, GpuError> {
-        let key = (v.as_ptr() as usize, v.len());
-        let sum = checksum(v);
-        if let Some((s, d)) = self.vectors.lock().expect("vector table").get(&key) {
-            if *s == sum {
+    /// `positions` on the device. Every layer's q and k of one forward call rotate by the same
+    /// positions, so the last upload is kept and reused: one copy per call instead of two per layer.
+    fn positions(&self, positions: &[usize]) -> std::result::Result<Arc<CudaSlice<i32>>, GpuError> {
+        let mut last = self.last_positions.lock().expect("positions");
+        if let Some((p, d)) = last.as_ref() {
+            if p.as_slice() == positions {
                 return Ok(d.clone());
             }
         }
+        let pos: Vec<i32> = positions.iter().map(|p| *p as i32).collect();
+        let d = Arc::new(self.gpu.upload(&pos)?);
+        *last = Some((positions.to_vec(), d.clone()));
+        Ok(d)
+    }
+
+    fn vector(&self, v: &[f32]) -> std::result::Result<Arc<CudaSlice<f32>>, GpuError> {
+        let key = key_of(v);
+        if let Some(d) = self.vectors.lock().expect("vector table").get(&key) {
+            return Ok(d.clone());
+        }
         let d = Arc::new(self.gpu.upload(v)?);
-        self.vectors.lock().expect("vector table").insert(key, (sum, d.clone()));
+        self.vectors.lock().expect("vector table").insert(key, d.clone());
         Ok(d)
     }
 
@@ -414,7 +435,9 @@ impl Backend for CudaBackend {
         if x.rows == 0 {
             return;
         }
-        let r = self.gpu.rope_neox(Arc::make_mut(&mut x.buf), n_head, head_dim, rot_dims, positions, base);
+        let r = self
+            .positions(positions)
+            .and_then(|pos| self.gpu.rope_neox(Arc::make_mut(&mut x.buf), n_head, head_dim, rot_dims, &pos, base));
         self.record(r);
     }
 

@@ -79,6 +79,9 @@ impl std::fmt::Display for KvType {
     }
 }
 
+/// The `&[f32]` parameters of `add_bias`, `layer_norm` and `rms_norm` are model parameters: a device
+/// backend keeps its copy keyed by their address, so callers pass only slices that stay alive and
+/// unchanged for the backend's life (the model's own fields), never temporaries.
 #[allow(clippy::wrong_self_convention)] // `from_host` is a conversion *through* the backend
 pub trait Backend: Send + Sync {
     /// An activation matrix `[rows, cols]` of f32.
