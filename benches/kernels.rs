@@ -8,7 +8,7 @@
 //! Shapes are Phi-2's (hidden 2560, FFN 10240, 32 heads of 80). Figures for a machine: BENCHMARKS.md.
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use moellava_kernels::cpu::{attention as attn, bandwidth, gemm, matmul, matmul_vec_dot, QMatRef};
+use moellava_kernels::cpu::{attention as attn, bandwidth, gemm, matmul, matmul_vec_dot, packed, QMatRef};
 use moellava_kernels::quant::{quantize_rows_par, QuantType};
 
 const HIDDEN: usize = 2560;
@@ -40,11 +40,17 @@ fn matvec(c: &mut Criterion) {
         let mut y = vec![0f32; FFN];
         g.throughput(Throughput::Bytes(w.len() as u64));
         g.bench_function(BenchmarkId::new(q.name(), "10240x2560"), |b| b.iter(|| matmul(m, black_box(&x), &mut y).unwrap()));
+        if let Some(p) = packed::pack(m).unwrap() {
+            g.bench_function(BenchmarkId::new(format!("{}_{}", q.name(), p.layout), "10240x2560"), |b| {
+                b.iter(|| gemm::gemm_packed(&p, black_box(&x), &mut y).unwrap())
+            });
+        }
     }
     g.finish();
 }
 
-/// Prefill: 128 tokens through a 2560 × 2560 projection, by ggml's mul_mat and by per-row vec_dot;
+/// Prefill: 128 tokens through a 2560 × 2560 projection, by ggml's mul_mat, by per-row vec_dot and by
+/// the repacked weight's kernel (AMX where the CPU has it);
 /// multiply-accumulates per second.
 fn prefill_matmul(c: &mut Criterion) {
     let mut g = c.benchmark_group("prefill_matmul");
@@ -62,6 +68,11 @@ fn prefill_matmul(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("vec_dot_rows", q.name()), |b| {
             b.iter(|| matmul_vec_dot(m, black_box(&x), &mut y).unwrap())
         });
+        if let Some(p) = packed::pack(m).unwrap() {
+            g.bench_function(BenchmarkId::new(format!("packed_{}", p.layout), q.name()), |b| {
+                b.iter(|| gemm::gemm_packed(&p, black_box(&x), &mut y).unwrap())
+            });
+        }
     }
     g.finish();
 }

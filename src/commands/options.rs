@@ -39,6 +39,13 @@ pub struct ModelArgs {
     /// `cpu`, or `auto`: the CPU for decode steps when it reads memory faster than PCIe copies, else copy.
     #[arg(long, default_value = "auto", value_name = "POLICY")]
     pub miss_policy: String,
+    /// On the CPU, keep every weight in the file's own layout. By default the attention, dense-FFN,
+    /// output and vision-tower matrices are repacked once, at first use, into the layout of ggml's
+    /// fastest kernels for this CPU (AMX tiles on Xeons that have them, else an interleaved layout for
+    /// q4_0/q4_K where AVX2 allows; llama.cpp does the same at load), and the file's pages of them are
+    /// released. Experts are never repacked.
+    #[arg(long)]
+    pub no_repack: bool,
     #[command(flatten)]
     pub experts: ExpertArgs,
 }
@@ -163,6 +170,7 @@ impl ModelArgs {
             }
             rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting up the thread pool")?;
         }
+        moellava_kernels::cpu::packed::set_enabled(!self.no_repack);
         let t0 = std::time::Instant::now();
         let kv_type: Option<KvType> =
             self.kv_cache.as_deref().map(str::parse).transpose().map_err(|e: String| anyhow::anyhow!("--kv-cache: {e}"))?;

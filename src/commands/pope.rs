@@ -217,6 +217,7 @@ fn required(r: &PopeRunArgs) -> Result<RunPaths> {
             device: "cpu".into(),
             gpu_mem: None,
             miss_policy: "auto".into(),
+            no_repack: false,
             experts: r.experts.clone(),
         },
         question_file: r.question_file.clone().unwrap_or_default(),

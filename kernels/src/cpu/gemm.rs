@@ -16,6 +16,7 @@ use std::sync::Mutex;
 use llama_cpp_sys_2 as sys;
 
 use super::matmul::QMatRef;
+use super::packed::PackedMat;
 use crate::quant::{self, QuantError};
 
 /// ggml's worker threads, the scratch buffer its plans ask for (activations converted to the weight
@@ -88,17 +89,31 @@ impl Drop for Ctx {
 
 /// `out[T, N] = x[T, K] · W[N, K]ᵀ` through ggml's `mul_mat`. Same contract as [`super::matmul`].
 pub fn gemm(w: QMatRef, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
-    let (n, k) = (w.n_rows, w.n_cols);
+    let want = w.qtype.bytes_for(w.n_rows, w.n_cols).ok_or(QuantError::Overflow)?;
+    if w.data.len() != want {
+        return Err(QuantError::Length { what: "weight bytes", expected: want, got: w.data.len() });
+    }
+    mul_mat(Src0::Raw(w), w.n_rows, w.n_cols, x, out)
+}
+
+/// `out[T, N] = x[T, K] · W[N, K]ᵀ` with W repacked ([`super::packed`]): the buffer type's own kernel.
+pub fn gemm_packed(w: &PackedMat, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
+    mul_mat(Src0::Packed(w), w.n_rows, w.n_cols, x, out)
+}
+
+/// The weight operand of one `mul_mat`: block-format bytes, or a tensor of an extra buffer type.
+enum Src0<'a> {
+    Raw(QMatRef<'a>),
+    Packed(&'a PackedMat),
+}
+
+fn mul_mat(w: Src0, n: usize, k: usize, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
     let t = x.len() / k.max(1);
     if k == 0 || x.len() != t * k {
         return Err(QuantError::Length { what: "activation values (a whole number of rows)", expected: t * k, got: x.len() });
     }
     if out.len() != t * n {
         return Err(QuantError::Length { what: "output values", expected: t * n, got: out.len() });
-    }
-    let want = w.qtype.bytes_for(n, k).ok_or(QuantError::Overflow)?;
-    if w.data.len() != want {
-        return Err(QuantError::Length { what: "weight bytes", expected: want, got: w.data.len() });
     }
     if t == 0 || n == 0 {
         return Ok(());
@@ -119,16 +134,23 @@ pub fn gemm(w: QMatRef, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
         if ctx.0.is_null() {
             return Err(QuantError::Ggml { what: "context", status: -1 });
         }
-        // SAFETY: every tensor is created in `ctx` (alive until the end of this block) with shapes whose
-        // byte sizes were checked above: src0 = [K, N] of `w.qtype` over exactly `w.data` (K is a whole
-        // number of blocks: `QMatRef` and `bytes_for` guarantee it), src1 = [K, T] f32 over `x`,
+        // SAFETY: every tensor made here is created in `ctx` (alive until the end of this block) with
+        // shapes whose byte sizes were checked: src0 is either [K, N] of `w.qtype` over exactly
+        // `w.data` (checked by `gemm`; K is a whole number of blocks: `QMatRef` guarantees it) or the
+        // packed tensor of `PackedMat` ([K, N], alive for this borrow), src1 = [K, T] f32 over `x`,
         // dst = [N, T] f32 over `out`. ggml only reads src0/src1 (the `*mut` casts never write through)
         // and writes dst, which we borrow mutably. The plan's scratch buffer is `pool.work`, resized to
         // the size ggml asked for, and the pool's thread count matches the plan's.
         unsafe {
-            let w_t = sys::ggml_new_tensor_2d(ctx.0, w.qtype.id() as sys::ggml_type, k as i64, n as i64);
+            let w_t = match w {
+                Src0::Raw(w) => {
+                    let w_t = sys::ggml_new_tensor_2d(ctx.0, w.qtype.id() as sys::ggml_type, k as i64, n as i64);
+                    (*w_t).data = w.data.as_ptr() as *mut c_void;
+                    w_t
+                }
+                Src0::Packed(p) => p.tensor(),
+            };
             let x_t = sys::ggml_new_tensor_2d(ctx.0, sys::GGML_TYPE_F32 as sys::ggml_type, k as i64, t as i64);
-            (*w_t).data = w.data.as_ptr() as *mut c_void;
             (*x_t).data = x.as_ptr() as *mut c_void;
             let y_t = sys::ggml_mul_mat(ctx.0, w_t, x_t);
             (*y_t).data = out.as_mut_ptr() as *mut c_void;

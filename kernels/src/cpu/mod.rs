@@ -5,6 +5,7 @@ pub mod bandwidth;
 pub mod gemm;
 pub mod matmul;
 pub mod ops;
+pub mod packed;
 
 pub use matmul::{get_rows, matmul, matmul_vec_dot, QMatRef};
 pub use ops::Activation;

@@ -90,20 +90,43 @@ fn erf(x: f64) -> f64 {
     }
 }
 
-pub fn activate(x: &mut [f32], a: Activation) {
-    let f: fn(f32) -> f32 = match a {
-        Activation::GeluErf => |v| (0.5 * v as f64 * (1.0 + erf(v as f64 / std::f64::consts::SQRT_2))) as f32,
-        Activation::GeluTanh => |v| {
-            let v = v as f64;
-            (0.5 * v * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v * v * v)).tanh())) as f32
-        },
-        Activation::QuickGelu => |v| v / (1.0 + (-1.702 * v).exp()),
-        Activation::Silu => |v| v / (1.0 + (-v).exp()),
-    };
+/// `e^x` in f32 without a libm call, so that loops over it vectorise: `2^n · e^r` with
+/// `n = round(x·log₂e)`, `r = x − n·ln2` (ln2 split in two for an exact product), `|r| ≤ ln2/2`, and
+/// `e^r` by its Taylor polynomial to r⁷ (truncation < 6e-9 relative). Relative error a few f32 ulps
+/// (test `exp_f32_is_within_a_few_ulps`); inputs are clamped to the finite, normal range of results.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75; // ln 2 rounded to 16 significant bits: n·LN2_HI is exact
+    const LN2_LO: f32 = 1.428_606_8e-6; // ln 2 − LN2_HI
+    let x = x.clamp(-87.0, 88.3); // n stays in [-126, 127]: a normal power of two
+    let n = (x * LOG2E).round_ties_even();
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (1.0 / 2.0 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// `f` on every element: monomorphised per activation so the loop inlines and vectorises.
+fn map_all(x: &mut [f32], f: impl Fn(f32) -> f32 + Sync + Send) {
     if x.len() >= 4096 {
-        x.par_chunks_mut(1024).for_each(|c| c.iter_mut().for_each(|v| *v = f(*v)));
+        x.par_chunks_mut(4096).for_each(|c| c.iter_mut().for_each(|v| *v = f(*v)));
     } else {
         x.iter_mut().for_each(|v| *v = f(*v));
+    }
+}
+
+pub fn activate(x: &mut [f32], a: Activation) {
+    match a {
+        Activation::GeluErf => map_all(x, |v| (0.5 * v as f64 * (1.0 + erf(v as f64 / std::f64::consts::SQRT_2))) as f32),
+        // 0.5·v·(1 + tanh(u)) = v·σ(2u), u = √(2/π)·(v + 0.044715·v³).
+        Activation::GeluTanh => map_all(x, |v| {
+            let u = 0.797_884_6 * (v + 0.044_715 * v * v * v);
+            v / (1.0 + exp_f32(-2.0 * u))
+        }),
+        Activation::QuickGelu => map_all(x, |v| v / (1.0 + exp_f32(-1.702 * v))),
+        Activation::Silu => map_all(x, |v| v / (1.0 + exp_f32(-v))),
     }
 }
 
@@ -130,14 +153,10 @@ pub fn rope_neox(x: &mut [f32], n_head: usize, head_dim: usize, rot_dims: usize,
 
 /// Softmax of a row, in place.
 pub fn softmax(row: &mut [f32]) {
-    // One f32 exp per element (as torch computes it), the normaliser summed in f64.
+    // One f32 exp per element (as torch computes it), vectorised; the normaliser summed in f64.
     let max = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
-    let mut sum = 0f64;
-    for v in row.iter_mut() {
-        let e = (*v - max).exp();
-        *v = e;
-        sum += e as f64;
-    }
+    row.iter_mut().for_each(|v| *v = exp_f32(*v - max));
+    let sum: f64 = row.iter().map(|&e| e as f64).sum();
     let inv = (1.0 / sum) as f32;
     row.iter_mut().for_each(|v| *v *= inv);
 }
@@ -206,6 +225,46 @@ mod tests {
             let mut v = [x];
             activate(&mut v, Activation::GeluErf);
             assert!((v[0] - want).abs() < 1e-6, "gelu({x}) = {} want {want}", v[0]);
+        }
+    }
+
+    /// A few f32 ulps (2⁻²³ ≈ 1.2e-7 each): range reduction and a 7th-degree polynomial.
+    const EXP_REL_TOL: f64 = 4e-7;
+
+    #[test]
+    fn exp_f32_is_within_a_few_ulps() {
+        let mut worst = 0f64;
+        for i in -870_000..=883_000 {
+            let x = i as f32 * 1e-4;
+            let (got, want) = (exp_f32(x) as f64, (x as f64).exp());
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst <= EXP_REL_TOL, "worst relative error {worst:e}");
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert!(exp_f32(-1e4) >= 0.0 && exp_f32(-1e4) < 1e-37 && exp_f32(1e4).is_finite());
+    }
+
+    /// f32 evaluation of the tanh-GELU against its f64 formula: a few ulps of max(1, |x|).
+    const GELU_TANH_TOL: f64 = 1e-6;
+
+    #[test]
+    fn tanh_gelu_silu_and_quick_gelu_match_f64_formulas() {
+        for i in -2000..=2000 {
+            let x = i as f32 * 0.005;
+            let xd = x as f64;
+            let cases = [
+                (
+                    Activation::GeluTanh,
+                    0.5 * xd * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (xd + 0.044715 * xd.powi(3))).tanh()),
+                ),
+                (Activation::Silu, xd / (1.0 + (-xd).exp())),
+                (Activation::QuickGelu, xd / (1.0 + (-1.702 * xd).exp())),
+            ];
+            for (a, want) in cases {
+                let mut v = [x];
+                activate(&mut v, a);
+                assert!((v[0] as f64 - want).abs() <= GELU_TANH_TOL * xd.abs().max(1.0), "{a:?}({x}) = {} want {want}", v[0]);
+            }
         }
     }
 

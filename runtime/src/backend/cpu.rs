@@ -1,9 +1,11 @@
-//! The CPU backend: activations are host `Vec<f32>`; matmuls run ggml's `vec_dot` over the mapped
-//! weights in their own types, threaded with rayon (the global pool: `--threads`).
+//! The CPU backend: activations are host `Vec<f32>`; matmuls run ggml's kernels on the weights in
+//! their own types: on the repacked copy where the weight has one ([`Weight::packed`]: AMX tiles or an
+//! interleaved layout, what llama.cpp uses), else on the mapped bytes (`vec_dot` for one token,
+//! `mul_mat` for several), threaded with rayon or ggml's pool (`--threads`).
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
-use moellava_kernels::cpu::{self, ops, Activation};
+use moellava_kernels::cpu::{self, gemm, ops, Activation};
 
 use super::{AttnShape, Backend, KvType};
 use crate::error::Result;
@@ -54,14 +56,25 @@ impl Backend for CpuBackend {
 
     fn matmul(&self, x: &HostMat, w: &Weight) -> Result<HostMat> {
         let mut out = vec![0f32; x.rows() * w.rows];
-        cpu::matmul(w.mat(), &x.data, &mut out)?;
+        match w.packed() {
+            Some(p) => gemm::gemm_packed(p, &x.data, &mut out)?,
+            None => cpu::matmul(w.mat(), &x.data, &mut out)?,
+        }
         Ok(HostMat { data: out, cols: w.rows })
     }
 
     fn matmul_per_row(&self, x: &HostMat, w: &Weight) -> Result<HostMat> {
-        // One ggml vec_dot per (weight row, token), exactly what a single token gets from `matmul`.
+        // Exactly what a single token gets from `matmul`: the packed kernel one row at a time, or one
+        // ggml vec_dot per (weight row, token).
         let mut out = vec![0f32; x.rows() * w.rows];
-        cpu::matmul_vec_dot(w.mat(), &x.data, &mut out)?;
+        match w.packed() {
+            Some(p) => {
+                for (xr, o) in x.data.chunks(x.cols.max(1)).zip(out.chunks_mut(w.rows.max(1))) {
+                    gemm::gemm_packed(p, xr, o)?;
+                }
+            }
+            None => cpu::matmul_vec_dot(w.mat(), &x.data, &mut out)?,
+        }
         Ok(HostMat { data: out, cols: w.rows })
     }
 

@@ -508,4 +508,10 @@ impl GgufFile {
     pub fn bytes(&self) -> &[u8] {
         self.bytes.as_slice()
     }
+
+    /// Drops this process's pages of `[offset, offset + len)` ([`Bytes::release`]): a hint, after
+    /// which a read of the range maps it back from the file.
+    pub fn release(&self, offset: usize, len: usize) {
+        self.bytes.release(offset, len);
+    }
 }

@@ -1,8 +1,9 @@
 //! Weights as views into the memory-mapped GGUF, looked up by name with their expected shapes, or
 //! into an expert-cache slot that holds a copy of the same bytes (`experts::cache`).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use moellava_kernels::cpu::packed::{self, PackedMat};
 use moellava_kernels::cpu::QMatRef;
 use moellava_kernels::quant;
 use moellava_kernels::QuantType;
@@ -27,6 +28,9 @@ pub struct Weight {
     pub qtype: QuantType,
     pub rows: usize,
     pub cols: usize,
+    /// The CPU's repacked copy ([`Self::packed`]), shared by clones: made on first use. `None` for a
+    /// weight that is never repacked (experts, copies outside the map).
+    repack: Option<Arc<OnceLock<Option<PackedMat>>>>,
 }
 
 impl Weight {
@@ -42,7 +46,7 @@ impl Weight {
     /// loaded into one of its slots).
     pub fn resident_copy(&self, buf: Arc<Box<[u8]>>, offset: usize) -> Weight {
         debug_assert!(offset + self.len <= buf.len());
-        Weight { storage: Storage::Resident(buf), offset, ..self.clone() }
+        Weight { storage: Storage::Resident(buf), offset, repack: None, ..self.clone() }
     }
 
     /// A matrix held in its own buffer (`bytes`: `rows` rows in `qtype`), outside any file (tests,
@@ -57,6 +61,7 @@ impl Weight {
             qtype,
             rows,
             cols,
+            repack: None,
         }
     }
 
@@ -80,7 +85,30 @@ impl Weight {
             qtype: self.qtype,
             rows: n,
             cols: self.cols,
+            repack: None,
         }
+    }
+
+    /// The matrix in ggml-cpu's fastest layout for this CPU ([`packed`]: AMX tiles, or an interleaved
+    /// repack), made on the first call and kept for the weight's life; the mapped pages of the original
+    /// bytes are then released (only the copy is read from then on; a later read of the original, e.g.
+    /// an embedding lookup in a tied table, maps them back from the file). `None` when the weight is
+    /// not repacked: experts (their cache slots must hold the same bytes as the file), weights outside
+    /// the map, types or shapes no layout takes, or repacking turned off ([`packed::set_enabled`]).
+    pub fn packed(&self) -> Option<&PackedMat> {
+        let cell = self.repack.as_ref()?;
+        if !packed::enabled() {
+            return None;
+        }
+        cell.get_or_init(|| {
+            // A failure (ggml could not allocate the copy) leaves the weight on the unpacked kernels.
+            let p = packed::pack(self.mat()).ok().flatten();
+            if let (Some(_), Storage::Mapped(f)) = (&p, &self.storage) {
+                f.release(self.offset, self.len);
+            }
+            p
+        })
+        .as_ref()
     }
 
     /// Byte range `(offset, len)` of the weight in the file (what the expert cache loads), or `None`
@@ -112,6 +140,11 @@ impl WeightStore {
     /// A tensor of row-major shape `shape`, seen as a matrix of `shape[..-1]` rows and `shape[-1]`
     /// columns (`matrix_cols` overrides the column count, e.g. a conv kernel flattened per output).
     fn get(&self, name: &str, shape: &[usize], matrix_cols: Option<usize>) -> Result<Weight> {
+        self.get_as(name, shape, matrix_cols, true)
+    }
+
+    /// [`Self::get`]; `repack`: whether the CPU may keep a repacked copy ([`Weight::packed`]).
+    fn get_as(&self, name: &str, shape: &[usize], matrix_cols: Option<usize>, repack: bool) -> Result<Weight> {
         let t = self.file.meta.tensor_info(name).ok_or_else(|| RuntimeError::MissingTensor { name: name.to_string() })?;
         if t.shape() != shape {
             return Err(RuntimeError::ShapeMismatch { name: name.to_string(), expected: shape.to_vec(), got: t.shape() });
@@ -133,6 +166,7 @@ impl WeightStore {
             qtype,
             rows: total / cols,
             cols,
+            repack: repack.then(Arc::default),
         })
     }
 
@@ -146,9 +180,11 @@ impl WeightStore {
         self.get(name, shape, Some(cols))
     }
 
-    /// Stacked experts `[n_expert, rows, cols]`, as one `[n_expert·rows, cols]` matrix.
+    /// Stacked experts `[n_expert, rows, cols]`, as one `[n_expert·rows, cols]` matrix. Never
+    /// repacked: an expert runs from the map or from a cache slot holding a copy of its bytes, and both
+    /// must give the same result, bit for bit.
     pub fn stacked(&self, name: &str, n_expert: usize, rows: usize, cols: usize) -> Result<Weight> {
-        self.get(name, &[n_expert, rows, cols], None)
+        self.get_as(name, &[n_expert, rows, cols], None, false)
     }
 
     /// A tensor of `shape` dequantized to f32 (norms, biases, position tables: small).
