@@ -7,9 +7,9 @@
 //! `causal`, sees keys at positions ≤ its own. Output `[T, H·D]`.
 //!
 //! Two ways, same math:
-//! - [`attention_batched`] (prefill, the vision tower): per head, scores `S[T, P] = Q_h · K_hᵀ` and
-//!   output `O[T, D] = softmax(S) · V_h` as two f32 matmuls through ggml's `mul_mat` ([`super::gemm`]),
-//!   on head-contiguous copies of Q_h, K_h and V_hᵀ.
+//! - [`attention_batched`] (prefill, the vision tower): per head and block of queries, scores
+//!   `S = Q_h · K_hᵀ` and output `O = softmax(S) · V_h` by two register-tiled f32 kernels, on copies
+//!   of K_hᵀ and V_h.
 //! - [`attention_per_query`] (decode, few queries): one rayon task per (token, head), scores by
 //!   [`super::ops::dot_widen`], no copies.
 
@@ -17,10 +17,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use super::gemm::gemm;
-use super::matmul::QMatRef;
 use super::ops::{dot_widen, softmax, Widen};
-use crate::QuantType;
 
 /// Queries from which the batched (matmul) path pays for its copies and ggml hand-offs.
 pub const BATCHED_MIN_QUERIES: usize = 8;
@@ -120,60 +117,113 @@ pub fn attention_per_query<T: KvElem>(q: &[f32], k: &[T], v: &[T], s: AttnShape)
     out
 }
 
-/// Per head: `S = Q_h·K_hᵀ`, masked row softmax, `O = S·V_h`, both products through ggml's `mul_mat`.
-/// The shared (inner) dimension of each product, D for the first and P for the second, is padded with
-/// zeros to a multiple of [`GEMM_K_ALIGN`]: ggml's tiled f32 kernel needs it (else it falls back to one
-/// f32 dot product per output, 2–3× slower), and zero terms change no sum.
+/// Per head: `S = Q_h·K_hᵀ`, masked row softmax, `O = S·V_h`, by two register-tiled f32 kernels
+/// ([`scores_tile`], [`values_tile`]) over blocks of [`QB`] queries, the blocks spread over threads.
+/// Both kernels multiply-add along contiguous rows (keys of `K_hᵀ`, dimensions of `V_h`) with the
+/// query's values broadcast, so no sum is reduced across a vector: a head dimension of 64–128 is far
+/// too short for a dot-product GEMM (ggml's tiled f32 kernel spends more on its final reductions
+/// than on the products at these sizes: 3× slower, measured with `cargo bench --bench kernels -- attention`).
 pub fn attention_batched<T: KvElem>(q: &[f32], k: &[T], v: &[T], s: AttnShape) -> Vec<f32> {
     let hd = s.head_dim;
     let Dims { t, p, qw, kw, group } = s.dims(q.len(), k.len());
-    let (dp, pp) = (hd.next_multiple_of(GEMM_K_ALIGN), p.next_multiple_of(GEMM_K_ALIGN));
+    let (pp, dp) = (p.next_multiple_of(KEYS_PER_TILE), hd.next_multiple_of(DIMS_PER_TILE));
     let mut out = vec![0f32; t * qw];
-    let mut q_h = vec![0f32; t * dp]; // [T, Dp]
-    let mut k_h = vec![0f32; pp * dp]; // [Pp, Dp]: rows beyond P give scores that the mask zeroes
-    let mut v_ht = vec![0f32; hd * pp]; // [D, Pp]: V_h transposed, the "weight" of the second product
-    let mut scores = vec![0f32; t * pp]; // [T, Pp]
-    let mut o_h = vec![0f32; t * hd]; // [T, D]
+    let mut k_t = vec![0f32; hd * pp]; // [D, Pp]: K_h transposed, keys contiguous
+    let mut v_h = vec![0f32; p * dp]; // [P, Dp]: V_h, rows zero-padded to whole tiles
     let mut row = T::scratch(hd); // one key or value row widened to f32
     for kvh in 0..s.n_kv_head {
         for j in 0..p {
-            k_h[j * dp..j * dp + hd].copy_from_slice(T::as_f32(&k[j * kw + kvh * hd..j * kw + (kvh + 1) * hd], &mut row));
-            let vv = T::as_f32(&v[j * kw + kvh * hd..j * kw + (kvh + 1) * hd], &mut row);
-            for (d, x) in vv.iter().enumerate() {
-                v_ht[d * pp + j] = *x;
+            let kr = T::as_f32(&k[j * kw + kvh * hd..j * kw + (kvh + 1) * hd], &mut row);
+            for (d, x) in kr.iter().enumerate() {
+                k_t[d * pp + j] = *x;
             }
+            v_h[j * dp..j * dp + hd].copy_from_slice(T::as_f32(&v[j * kw + kvh * hd..j * kw + (kvh + 1) * hd], &mut row));
         }
-        let k_mat = QMatRef { data: bytes_of(&k_h), qtype: QuantType::F32, n_rows: pp, n_cols: dp };
-        let v_mat = QMatRef { data: bytes_of(&v_ht), qtype: QuantType::F32, n_rows: hd, n_cols: pp };
-        for h in kvh * group..(kvh + 1) * group {
-            for tok in 0..t {
-                q_h[tok * dp..tok * dp + hd].copy_from_slice(&q[tok * qw + h * hd..tok * qw + (h + 1) * hd]);
+        let (k_t, v_h) = (&k_t, &v_h);
+        out.par_chunks_mut(QB * qw).enumerate().for_each(|(b, o_rows)| {
+            let (t0, nq) = (b * QB, o_rows.len() / qw);
+            let mut q_b = vec![0f32; QB * hd]; // [QB, D]; rows past the last query stay zero
+            let mut s_b = vec![0f32; QB * pp]; // [QB, Pp]
+            let mut o_b = vec![0f32; QB * dp]; // [QB, Dp]
+            let seen = s.visible(t0 + nq - 1, p); // the block's last query sees the most keys
+            for h in kvh * group..(kvh + 1) * group {
+                for r in 0..nq {
+                    q_b[r * hd..(r + 1) * hd].copy_from_slice(&q[(t0 + r) * qw + h * hd..(t0 + r) * qw + (h + 1) * hd]);
+                }
+                scores_tile(&q_b, hd, k_t, pp, seen.next_multiple_of(KEYS_PER_TILE), &mut s_b);
+                for r in 0..QB {
+                    let row = &mut s_b[r * pp..(r + 1) * pp];
+                    let vis = if r < nq { s.visible(t0 + r, p) } else { 0 };
+                    row[..vis].iter_mut().for_each(|x| *x *= s.scale);
+                    softmax(&mut row[..vis]);
+                    row[vis..].iter_mut().for_each(|x| *x = 0.0);
+                }
+                values_tile(&s_b, pp, v_h, dp, seen, &mut o_b);
+                for r in 0..nq {
+                    o_rows[r * qw + h * hd..r * qw + (h + 1) * hd].copy_from_slice(&o_b[r * dp..r * dp + hd]);
+                }
             }
-            gemm(k_mat, &q_h, &mut scores).expect("attention shapes are consistent by construction");
-            scores.par_chunks_mut(pp).enumerate().for_each(|(tok, row)| {
-                let vis = s.visible(tok, p);
-                row[..vis].iter_mut().for_each(|x| *x *= s.scale);
-                softmax(&mut row[..vis]);
-                row[vis..].iter_mut().for_each(|x| *x = 0.0);
-            });
-            gemm(v_mat, &scores, &mut o_h).expect("attention shapes are consistent by construction");
-            for tok in 0..t {
-                out[tok * qw + h * hd..tok * qw + (h + 1) * hd].copy_from_slice(&o_h[tok * hd..(tok + 1) * hd]);
-            }
-        }
+        });
     }
     out
 }
 
-/// The inner-dimension multiple of ggml's tiled f32 matmul (llamafile's tinyBLAS: one 512-bit register
-/// of f32; a multiple of the AVX2 and NEON widths too).
-const GEMM_K_ALIGN: usize = 16;
+/// Queries per block: the rows of both kernels' register tiles.
+const QB: usize = 4;
+/// Keys per tile of [`scores_tile`] (4 vectors of 16 f32 per query).
+const KEYS_PER_TILE: usize = 64;
+/// Head dimensions per tile of [`values_tile`] (one vector of 16 f32 per query: head dims 64, 80 and
+/// 128 are whole tiles, SigLIP's 72 pads to 80).
+const DIMS_PER_TILE: usize = 16;
 
-/// f32 values as their native-endian bytes (what ggml's F32 type reads).
-fn bytes_of(x: &[f32]) -> &[u8] {
-    // SAFETY: f32 has no padding and any byte pattern of it is valid to read as u8; the slice covers
-    // exactly the same memory (len · 4 bytes) with u8's weaker alignment, borrowed for the same lifetime.
-    unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) }
+/// `a·b + c`, fused where the CPU has FMA (one rounding), else a multiply and an add.
+#[inline(always)]
+fn fma(a: f32, b: f32, c: f32) -> f32 {
+    if cfg!(target_feature = "fma") {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// `s_b[r, j] = Σ_d q_b[r, d] · k_t[d, j]` for r < QB, j < `n_keys` (a multiple of KEYS_PER_TILE).
+/// q_b `[QB, hd]`, k_t `[hd, pp]`, s_b `[QB, pp]`.
+fn scores_tile(q_b: &[f32], hd: usize, k_t: &[f32], pp: usize, n_keys: usize, s_b: &mut [f32]) {
+    for j0 in (0..n_keys).step_by(KEYS_PER_TILE) {
+        let mut acc = [[0f32; KEYS_PER_TILE]; QB];
+        for d in 0..hd {
+            let kr: &[f32; KEYS_PER_TILE] = k_t[d * pp + j0..d * pp + j0 + KEYS_PER_TILE].try_into().expect("tile");
+            for (r, a) in acc.iter_mut().enumerate() {
+                let x = q_b[r * hd + d];
+                for (a, k) in a.iter_mut().zip(kr) {
+                    *a = fma(x, *k, *a);
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            s_b[r * pp + j0..r * pp + j0 + KEYS_PER_TILE].copy_from_slice(a);
+        }
+    }
+}
+
+/// `o_b[r, c] = Σ_{j < n_keys} s_b[r, j] · v_h[j, c]` for r < QB, c < dp (a multiple of
+/// DIMS_PER_TILE). s_b `[QB, pp]`, v_h `[P, dp]`, o_b `[QB, dp]`.
+fn values_tile(s_b: &[f32], pp: usize, v_h: &[f32], dp: usize, n_keys: usize, o_b: &mut [f32]) {
+    for c0 in (0..dp).step_by(DIMS_PER_TILE) {
+        let mut acc = [[0f32; DIMS_PER_TILE]; QB];
+        for j in 0..n_keys {
+            let vr: &[f32; DIMS_PER_TILE] = v_h[j * dp + c0..j * dp + c0 + DIMS_PER_TILE].try_into().expect("tile");
+            for (r, a) in acc.iter_mut().enumerate() {
+                let w = s_b[r * pp + j];
+                for (a, v) in a.iter_mut().zip(vr) {
+                    *a = fma(w, *v, *a);
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            o_b[r * dp + c0..r * dp + c0 + DIMS_PER_TILE].copy_from_slice(a);
+        }
+    }
 }
 
 #[cfg(test)]
