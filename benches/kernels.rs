@@ -1,6 +1,8 @@
 //! Criterion benches of the hot CPU kernels, each with a throughput figure (criterion prints it per
 //! second): weight bytes for the decode matvec (memory-bound: compare with the bandwidth probe), multiply-
-//! accumulates ("elements") for the prefill matmul and attention (compute-bound).
+//! accumulates ("elements") for the prefill matmul and attention (compute-bound). Where the CPU has a
+//! repacked layout for a type (AMX, interleaved), its kernel is measured beside the plain one
+//! (`matvec/q4_k_AMX/…`, `prefill_matmul/packed_AMX/…`).
 //!
 //!   cargo bench --bench kernels                 # all
 //!   cargo bench --bench kernels -- matvec/q4_k  # one group/type

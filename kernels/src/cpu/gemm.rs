@@ -1,6 +1,8 @@
 //! Batched quantized matmul through ggml's own CPU `mul_mat` (a one-node ggml graph over our buffers):
 //! for several tokens at once (prefill, the vision tower) ggml's kernel — llamafile's tinyBLAS where the
 //! type and the CPU allow it, else ggml's blocked `vec_dot` — beats calling `vec_dot` per (row, token).
+//! [`gemm_packed`] runs the same one-node graph on a weight repacked into one of ggml-cpu's extra
+//! buffer types ([`super::packed`]), which dispatches to that layout's kernel (AMX, interleaved GEMV).
 //!
 //! Dims: T = n_tokens (activation rows), K = n_cols (shared), N = n_rows (weight rows / outputs).
 //! ggml's view of the same buffers: src0 = W with ne = [K, N], src1 = x with ne = [K, T],

@@ -1,4 +1,5 @@
-//! CPU kernels: quantized matmul over ggml's `vec_dot`, and the f32 activation ops.
+//! CPU kernels: quantized matmul over ggml's `vec_dot` and `mul_mat`, weights repacked into ggml-cpu's
+//! fastest layouts ([`packed`]), attention, and the f32 activation ops.
 
 pub mod attention;
 pub mod bandwidth;
