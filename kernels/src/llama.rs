@@ -17,9 +17,12 @@ pub enum LlamaError {
 
 static BACKEND: Once = Once::new();
 
-/// Discards llama.cpp's log lines unless MOELLAVA_LLAMA_LOG is set (diagnostics only; no numerics change).
-unsafe extern "C" fn quiet_log(_level: sys::ggml_log_level, text: *const c_char, _user: *mut c_void) {
-    if std::env::var_os("MOELLAVA_LLAMA_LOG").is_some() && !text.is_null() {
+/// Discards llama.cpp's and ggml's log lines unless MOELLAVA_LLAMA_LOG is set (diagnostics only; no
+/// numerics change); errors always go to stderr. Installed for ggml by `quant::init` too, so that
+/// ggml's per-tensor notes (e.g. each AMX repack) stay out of the CLI's output.
+pub(crate) unsafe extern "C" fn quiet_log(level: sys::ggml_log_level, text: *const c_char, _user: *mut c_void) {
+    let wanted = level == sys::GGML_LOG_LEVEL_ERROR || std::env::var_os("MOELLAVA_LLAMA_LOG").is_some();
+    if wanted && !text.is_null() {
         // SAFETY: llama.cpp passes a NUL-terminated string valid for the duration of the call.
         eprint!("{}", unsafe { CStr::from_ptr(text) }.to_string_lossy());
     }

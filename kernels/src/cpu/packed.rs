@@ -117,7 +117,7 @@ fn pack_into(buft: sys::ggml_backend_buffer_type_t, w: QMatRef) -> Result<Option
     // shapes, types and buffers. The copy in (`ggml_backend_tensor_set`, which repacks) gets exactly
     // `ggml_nbytes(w_t)` bytes, which equals `w.data.len()` (checked by the caller), and is only made
     // after the device said the type takes this op, so the repack's own shape asserts hold. Every
-    // early return frees what was made.
+    // early return frees what was made. Buffer-type names are static strings in ggml-cpu.
     unsafe {
         let ctx = sys::ggml_init(sys::ggml_init_params {
             mem_size: 2 * sys::ggml_tensor_overhead() + 256,

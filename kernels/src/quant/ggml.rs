@@ -23,8 +23,12 @@ static CPU_INIT: Once = Once::new();
 pub fn init() {
     CPU_INIT.call_once(|| {
         // SAFETY: `ggml_cpu_init` takes no arguments and only fills process-global lookup tables;
-        // `Once` serialises it, and every other function in this module calls `init` first.
-        unsafe { sys::ggml_cpu_init() };
+        // `Once` serialises it, and every other function in this module calls `init` first. The log
+        // callback is a `'static` fn that tolerates any thread and a null text.
+        unsafe {
+            sys::ggml_log_set(Some(crate::llama::quiet_log), std::ptr::null_mut());
+            sys::ggml_cpu_init();
+        }
     });
 }
 
