@@ -107,8 +107,9 @@ fn spawn_answer(
     Ok(rx)
 }
 
-/// Waits for the next event with the GIL released, checking for Ctrl-C in between; a signal sets
-/// `cancel` (the generation stops at its next token) and is raised.
+/// Waits for the next event with the GIL released, checking for Ctrl-C after every event and every
+/// [`SIGNAL_POLL`] without one (tokens can come faster than that poll, so a check on timeouts alone
+/// would never run); a signal sets `cancel` (the generation stops at its next token) and is raised.
 /// `rx` is moved into the GIL-free wait and back (a `Receiver` may cross threads but not be shared).
 fn next_event(py: Python<'_>, rx: &mut Option<Receiver<Event>>, cancel: &AtomicBool) -> PyResult<Option<Event>> {
     loop {
@@ -118,15 +119,14 @@ fn next_event(py: Python<'_>, rx: &mut Option<Receiver<Event>>, cancel: &AtomicB
             (r, got)
         });
         *rx = Some(r);
+        if let Err(e) = py.check_signals() {
+            cancel.store(true, Ordering::Relaxed);
+            return Err(e);
+        }
         match got {
             Ok(ev) => return Ok(Some(ev)),
             Err(RecvTimeoutError::Disconnected) => return Ok(None),
-            Err(RecvTimeoutError::Timeout) => {
-                if let Err(e) = py.check_signals() {
-                    cancel.store(true, Ordering::Relaxed);
-                    return Err(e);
-                }
-            }
+            Err(RecvTimeoutError::Timeout) => {}
         }
     }
 }
