@@ -1,9 +1,8 @@
 """The Python package against the CLI on generated checkpoints of every family."""
 
-import _thread
 import json
+import os
 import subprocess
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -87,13 +86,14 @@ def test_two_threads_sharing_a_model_answer_as_one_thread_does(models, image):
 
 def test_ctrl_c_interrupts_a_long_generation(models):
     m = moellava.Model(models["phi2"], threads=1)
-    timer = threading.Timer(0.1, _thread.interrupt_main)
-    timer.start()
+    # A real SIGINT, as Ctrl-C sends, from another process: a Python timer thread would need the GIL
+    # to deliver it, which the main thread, taking one token after another, may not yield in time.
+    killer = subprocess.Popen(["sh", "-c", f"sleep 0.1; kill -INT {os.getpid()}"])
     try:
         with pytest.raises(KeyboardInterrupt):
             m.ask(None, "Tell a long story.", max_new_tokens=1900, ignore_eos=True)
     finally:
-        timer.cancel()
+        killer.wait()
     # The model is still usable afterwards.
     assert m.ask(None, QUESTION, max_new_tokens=2, ignore_eos=True).tokens
 
