@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
@@ -86,14 +87,18 @@ def test_two_threads_sharing_a_model_answer_as_one_thread_does(models, image):
 
 def test_ctrl_c_interrupts_a_long_generation(models):
     m = moellava.Model(models["phi2"], threads=1)
-    # A real SIGINT, as Ctrl-C sends, from another process: a Python timer thread would need the GIL
-    # to deliver it, which the main thread, taking one token after another, may not yield in time.
+    # Python's own Ctrl-C handler, whatever this process inherited: a shell that starts a job in the
+    # background without job control (`make test &`) makes it ignore SIGINT, and Python then installs
+    # no handler, so no Ctrl-C could ever interrupt anything.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    # A real SIGINT, as Ctrl-C sends, from another process.
     killer = subprocess.Popen(["sh", "-c", f"sleep 0.1; kill -INT {os.getpid()}"])
     try:
         with pytest.raises(KeyboardInterrupt):
             m.ask(None, "Tell a long story.", max_new_tokens=1900, ignore_eos=True)
     finally:
         killer.wait()
+        signal.signal(signal.SIGINT, previous)
     # The model is still usable afterwards.
     assert m.ask(None, QUESTION, max_new_tokens=2, ignore_eos=True).tokens
 
