@@ -120,9 +120,10 @@ pub fn attention_per_query<T: KvElem>(q: &[f32], k: &[T], v: &[T], s: AttnShape)
 /// Per head: `S = Q_h·K_hᵀ`, masked row softmax, `O = S·V_h`, by two register-tiled f32 kernels
 /// ([`scores_tile`], [`values_tile`]) over blocks of [`QB`] queries, the blocks spread over threads.
 /// Both kernels multiply-add along contiguous rows (keys of `K_hᵀ`, dimensions of `V_h`) with the
-/// query's values broadcast, so no sum is reduced across a vector: a head dimension of 64–128 is far
-/// too short for a dot-product GEMM (ggml's tiled f32 kernel spends more on its final reductions
-/// than on the products at these sizes: 3× slower, measured with `cargo bench --bench kernels -- attention`).
+/// query's values broadcast, so no sum is reduced across a vector: a head dimension of 64–128 is too
+/// short for a dot-product GEMM (ggml's tiled f32 `mul_mat`, used here before, spent much of its time
+/// in its final reductions; this path is 1.6× faster on Phi-2's 512-token shape, measured back to back
+/// with `cargo bench --bench kernels -- attention`, figures in BENCHMARKS.md).
 pub fn attention_batched<T: KvElem>(q: &[f32], k: &[T], v: &[T], s: AttnShape) -> Vec<f32> {
     let hd = s.head_dim;
     let Dims { t, p, qw, kw, group } = s.dims(q.len(), k.len());
@@ -140,17 +141,18 @@ pub fn attention_batched<T: KvElem>(q: &[f32], k: &[T], v: &[T], s: AttnShape) -
             v_h[j * dp..j * dp + hd].copy_from_slice(T::as_f32(&v[j * kw + kvh * hd..j * kw + (kvh + 1) * hd], &mut row));
         }
         let (k_t, v_h) = (&k_t, &v_h);
-        out.par_chunks_mut(QB * qw).enumerate().for_each(|(b, o_rows)| {
+        // Scratch per worker thread, not per block: q_b [QB, D], s_b [QB, Pp], o_b [QB, Dp]. In a last,
+        // partial block the rows past its queries keep an earlier block's values; their score rows
+        // are zeroed below and their outputs never copied out, so they change nothing.
+        let scratch = || (vec![0f32; QB * hd], vec![0f32; QB * pp], vec![0f32; QB * dp]);
+        out.par_chunks_mut(QB * qw).enumerate().for_each_init(scratch, |(q_b, s_b, o_b), (b, o_rows)| {
             let (t0, nq) = (b * QB, o_rows.len() / qw);
-            let mut q_b = vec![0f32; QB * hd]; // [QB, D]; rows past the last query stay zero
-            let mut s_b = vec![0f32; QB * pp]; // [QB, Pp]
-            let mut o_b = vec![0f32; QB * dp]; // [QB, Dp]
             let seen = s.visible(t0 + nq - 1, p); // the block's last query sees the most keys
             for h in kvh * group..(kvh + 1) * group {
                 for r in 0..nq {
                     q_b[r * hd..(r + 1) * hd].copy_from_slice(&q[(t0 + r) * qw + h * hd..(t0 + r) * qw + (h + 1) * hd]);
                 }
-                scores_tile(&q_b, hd, k_t, pp, seen.next_multiple_of(KEYS_PER_TILE), &mut s_b);
+                scores_tile(q_b, hd, k_t, pp, seen.next_multiple_of(KEYS_PER_TILE), s_b);
                 for r in 0..QB {
                     let row = &mut s_b[r * pp..(r + 1) * pp];
                     let vis = if r < nq { s.visible(t0 + r, p) } else { 0 };
@@ -158,7 +160,7 @@ pub fn attention_batched<T: KvElem>(q: &[f32], k: &[T], v: &[T], s: AttnShape) -
                     softmax(&mut row[..vis]);
                     row[vis..].iter_mut().for_each(|x| *x = 0.0);
                 }
-                values_tile(&s_b, pp, v_h, dp, seen, &mut o_b);
+                values_tile(s_b, pp, v_h, dp, seen, o_b);
                 for r in 0..nq {
                     o_rows[r * qw + h * hd..r * qw + (h + 1) * hd].copy_from_slice(&o_b[r * dp..r * dp + hd]);
                 }
