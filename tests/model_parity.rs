@@ -133,6 +133,13 @@ fn f32_runtime_matches_the_reference_everywhere() {
             // Eight greedy steps, each step's logits against the float64 reference.
             let steps = load(&case_dir, "logits_f64");
             let v = logits.len();
+            // The same prefill as a user runs it (no layer kept): its last layer computes the last
+            // row only, routing every row where it is a MoE layer.
+            let pruned = model
+                .llm
+                .forward(be, input.embeds.clone(), &mut model.new_kv_cache(0), &mut Gating::Deterministic, &mut Trace::default())
+                .unwrap();
+            note("logits_last_row_only", check(&format!("{label} prefill logits, last row only"), &pruned, &steps[..v], F32_REL));
             let want_tokens: Vec<u32> =
                 case["greedy"]["f64"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
             let mut step_logits = logits;

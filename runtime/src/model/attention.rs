@@ -92,13 +92,28 @@ impl Attention {
     }
 
     /// `h [T, D]` at positions `first_pos..first_pos+T` → `[T, D]`; appends this call's K and V to `cache`.
-    pub fn forward<B: Backend>(&self, be: &B, h: &B::Act, cache: &mut (B::Kv, B::Kv), first_pos: usize) -> Result<B::Act> {
+    ///
+    /// With `last_only`, every row still goes into the cache but only the last one is attended and
+    /// projected: the result is `[1, D]` (the last layer of a prefill, whose other rows nobody reads).
+    pub fn forward<B: Backend>(
+        &self,
+        be: &B,
+        h: &B::Act,
+        cache: &mut (B::Kv, B::Kv),
+        first_pos: usize,
+        last_only: bool,
+    ) -> Result<B::Act> {
         let (t, _) = be.shape(h);
         let positions: Vec<usize> = (first_pos..first_pos + t).collect();
         let (q, k, v) = self.project(be, h, &positions, RowMode::Sequence)?;
         be.kv_append(&mut cache.0, &k);
         be.kv_append(&mut cache.1, &v);
-        let a = be.attention_cached(&q, &cache.0, &cache.1, self.shape(first_pos)); // [T, D]
+        let a = if last_only && t > 1 {
+            // the last query alone, at its own position: causally it sees the whole cache
+            be.attention_cached(&be.gather_rows(&q, &[t - 1]), &cache.0, &cache.1, self.shape(first_pos + t - 1))
+        } else {
+            be.attention_cached(&q, &cache.0, &cache.1, self.shape(first_pos)) // [T, D]
+        };
         self.output(be, &a, RowMode::Sequence)
     }
 

@@ -136,10 +136,14 @@ impl Llm {
     ) -> Result<Vec<f32>> {
         let first_pos = cache.len;
         let (t, _) = be.shape(&x);
-        let x = self
-            .layers(be, x, RowMode::Sequence, gating, trace, |i, attn, h| attn.forward(be, h, &mut cache.layers[i], first_pos))?;
+        // nobody reads the other rows of the last layer unless the test trace keeps every layer
+        let last_only = !trace.keep_layers;
+        let x = self.layers(be, x, RowMode::Sequence, gating, trace, last_only, |i, attn, h, last| {
+            attn.forward(be, h, &mut cache.layers[i], first_pos, last)
+        })?;
         cache.len += t;
-        let last = be.gather_rows(&x, &[t - 1]);
+        let (rows, _) = be.shape(&x);
+        let last = be.gather_rows(&x, &[rows - 1]);
         let h = self.out_norm.apply(be, &last);
         Ok(be.to_host(&be.matmul(&h, &self.output)?))
     }
@@ -155,7 +159,7 @@ impl Llm {
         }
         let positions: Vec<usize> = caches.iter().map(|c| c.len).collect();
         let mut trace = Trace::default();
-        let x = self.layers(be, x, RowMode::Independent, &mut Gating::Deterministic, &mut trace, |i, attn, h| {
+        let x = self.layers(be, x, RowMode::Independent, &mut Gating::Deterministic, &mut trace, false, |i, attn, h, _| {
             let mut layer: Vec<_> = caches.iter_mut().map(|c| &mut c.layers[i]).collect();
             attn.forward_rows(be, h, &mut layer, &positions)
         })?;
@@ -167,8 +171,15 @@ impl Llm {
         Ok(logits.chunks(self.output.rows).map(|r| r.to_vec()).collect())
     }
 
-    /// Every decoder layer over `x [T, D]`; `attend(layer, attention, normed x)` runs the attention
-    /// (and owns the KV cache), the rest is shared by both kinds of call.
+    /// Every decoder layer over `x [T, D]`; `attend(layer, attention, normed x, last row only)` runs
+    /// the attention (and owns the KV cache), the rest is shared by both kinds of call.
+    ///
+    /// With `last_only` the result is the last row alone, `[1, D]`, and the last layer computes no
+    /// more than that row needs (as llama.cpp does): its attention attends and projects the last query
+    /// only (every row still enters the cache), its FFN runs on that row. A MoE router still sees every
+    /// row, because the capacity rule spans them: in a sequential block that means the attention of all
+    /// rows; only the experts are cut to the last row.
+    #[allow(clippy::too_many_arguments)]
     fn layers<B: Backend>(
         &self,
         be: &B,
@@ -176,16 +187,28 @@ impl Llm {
         mode: RowMode,
         gating: &mut Gating,
         trace: &mut Trace,
-        mut attend: impl FnMut(usize, &Attention, &B::Act) -> Result<B::Act>,
+        last_only: bool,
+        mut attend: impl FnMut(usize, &Attention, &B::Act, bool) -> Result<B::Act>,
     ) -> Result<B::Act> {
         let experts = self.experts.as_deref();
         let want_guess = self.record_guesses || experts.is_some_and(|c| c.options().prefetch);
         let mut guess: Option<Vec<usize>> = None;
+        let n_layer = self.layers.len();
         for (i, l) in self.layers.iter().enumerate() {
+            let (t, _) = be.shape(&x);
+            let prune = last_only && i + 1 == n_layer && t > 1;
+            let is_moe = matches!(l.ffn, LayerFfn::Moe(_));
+            // the attention may stop at the last row unless a router after it has to see every row
+            let attn_last = prune && (l.ffn_norm.is_none() || !is_moe);
             let h = l.attn_norm.apply(be, &x);
-            let a = attend(i, &l.attn, &h)?;
+            let a = attend(i, &l.attn, &h, attn_last)?;
+            if attn_last {
+                x = be.gather_rows(&x, &[t - 1]);
+            }
             let h = match &l.ffn_norm {
-                None => h, // Phi-2: the FFN reads the same normed input (parallel block)
+                // Phi-2: the FFN reads the same normed input (parallel block); a router reads all rows
+                None if prune && !is_moe => be.gather_rows(&h, &[t - 1]),
+                None => h,
                 Some(n) => {
                     be.add(&mut x, &a);
                     n.apply(be, &x)
@@ -198,12 +221,15 @@ impl Llm {
                         Some(LayerFfn::Moe(m)) if want_guess => Some(m),
                         _ => None,
                     };
-                    let o = moe.forward(be, &h, gating, MoeStep { mode, cache: experts, next })?;
+                    let o = moe.forward(be, &h, gating, MoeStep { mode, cache: experts, next, last_only: prune })?;
                     trace.moe.push((i, o.logits, o.routing));
                     trace.guesses.push(std::mem::replace(&mut guess, o.guess_next));
                     o.y
                 }
             };
+            if prune && !attn_last {
+                x = be.gather_rows(&x, &[t - 1]); // sequential MoE block: the attention kept every row
+            }
             if l.ffn_norm.is_none() {
                 be.add(&mut x, &a);
             }

@@ -70,7 +70,12 @@ impl Routing {
 
     /// The distinct experts the layer computes in this call, ascending.
     pub fn needed(&self) -> Vec<usize> {
-        let mut v: Vec<usize> = (0..self.experts.len()).flat_map(|tok| self.kept_experts(tok)).collect();
+        self.needed_by(0..self.experts.len())
+    }
+
+    /// The distinct experts that the tokens `toks` are computed by, ascending.
+    pub fn needed_by(&self, toks: std::ops::Range<usize>) -> Vec<usize> {
+        let mut v: Vec<usize> = toks.flat_map(|tok| self.kept_experts(tok)).collect();
         v.sort_unstable();
         v.dedup();
         v
@@ -189,7 +194,7 @@ impl Moe {
         Ok(route(&self.router(be, h, RowMode::Sequence)?, self.n_expert, f32::INFINITY, 0, None).needed())
     }
 
-    /// `h [T, D]` → `[T, D]`; returns the router logits `[T, E]`, the routing, and (with a `next` MoE
+    /// `h [T, D]` → `[T, D]` (`[1, D]`, the last row, with `step.last_only`); returns the router logits `[T, E]`, the routing, and (with a `next` MoE
     /// layer) the guess for that layer. With a cache, the routed experts are made resident chunk by
     /// chunk, and the guess is prefetched once the first chunk is pinned (the order `replay` follows).
     /// With [`RowMode::Independent`] every row is routed on its own: one token alone never loses a choice
@@ -204,20 +209,23 @@ impl Moe {
             RowMode::Independent => route(&logits, self.n_expert, f32::INFINITY, 0, noise.as_deref()),
         };
         let guess = step.next.map(|n| n.guess(be, h).map(|g| (n.layer, g))).transpose()?;
-        let needed = routing.needed();
-        let mut out = be.zeros(t, d);
+        // the rows whose output is computed: all, or (last_only) the last one, routed among all
+        let first_out = if step.last_only { t.saturating_sub(1) } else { 0 };
+        let needed = routing.needed_by(first_out..t);
+        let mut out = be.zeros(t - first_out, d);
         let apply = |e: usize, expert: &Ffn, out: &mut B::Act| -> Result<()> {
-            let (mut rows, mut weights) = (Vec::new(), Vec::new());
-            for tok in 0..t {
+            let (mut rows, mut out_rows, mut weights) = (Vec::new(), Vec::new(), Vec::new());
+            for tok in first_out..t {
                 for k in 0..2 {
                     if routing.experts[tok][k] == e && routing.kept[tok][k] {
                         rows.push(tok);
+                        out_rows.push(tok - first_out);
                         weights.push(routing.weights[tok][k]);
                     }
                 }
             }
             let y = expert.forward(be, &be.gather_rows(h, &rows), mode)?; // [rows, D]
-            be.scatter_add_rows(out, &y, &rows, &weights);
+            be.scatter_add_rows(out, &y, &out_rows, &weights);
             Ok(())
         };
         match step.cache {
@@ -260,6 +268,9 @@ pub struct MoeStep<'a> {
     /// The next MoE layer of the model, whose experts are to be guessed (and prefetched with a
     /// cache); `None` when nobody wants the guess (no prefetch, no route trace).
     pub next: Option<&'a Moe>,
+    /// Only the last row's output is wanted (the last layer of a prefill): every row is still routed,
+    /// since the capacity rule spans them all, but only the last row's experts are computed.
+    pub last_only: bool,
 }
 
 pub struct MoeOutput<B: Backend> {
