@@ -1,5 +1,6 @@
 //! moellava-kernels: the numeric core of moellava.
 //!
+//! - [`alloc`]: the cache-line-aligning global allocator our programs install.
 //! - [`quant`]: ggml's block formats (type table, quantize, dequantize, CPU dot products).
 //! - [`cpu`]: quantized matmul and the f32 activation ops on the CPU.
 //! - [`cuda`]: our CUDA kernels (kernels/cuda/*.cu), NVRTC, and the device operations.
@@ -10,6 +11,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod alloc;
 pub mod cpu;
 pub mod cuda;
 pub mod llama;

@@ -110,6 +110,20 @@ enum Src0<'a> {
 }
 
 fn mul_mat(w: Src0, n: usize, k: usize, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
+    if out.as_ptr().align_offset(crate::alloc::ALIGN) != 0 && out.len() > 1 {
+        // ggml's kernels read and write output rows in 64-byte vectors, which straddle cache lines on
+        // a misaligned buffer (AMX: ~1.55× slower, see `crate::alloc`): compute into an aligned one.
+        let mut tmp = vec![0f32; out.len() + crate::alloc::ALIGN / 4];
+        let off = tmp.as_ptr().align_offset(crate::alloc::ALIGN);
+        let aligned = &mut tmp[off..off + out.len()];
+        mul_mat_into(w, n, k, x, aligned)?;
+        out.copy_from_slice(aligned);
+        return Ok(());
+    }
+    mul_mat_into(w, n, k, x, out)
+}
+
+fn mul_mat_into(w: Src0, n: usize, k: usize, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
     let t = x.len() / k.max(1);
     if k == 0 || x.len() != t * k {
         return Err(QuantError::Length { what: "activation values (a whole number of rows)", expected: t * k, got: x.len() });
@@ -197,6 +211,36 @@ mod tests {
                 let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
                 for (i, (p, q_)) in a.iter().zip(&b).enumerate() {
                     assert!((p - q_).abs() <= SAME_MATH_REL_TOL * scale, "{q} t={t} [{i}]: {p} vs {q_}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_output_off_the_cache_line_gets_the_same_values() {
+        let (n, k, t) = (64, 256, 33);
+        for q in [QuantType::Q8_0, QuantType::Q4_K, QuantType::F16] {
+            let wq = quant::quantize_rows_vec(q, &signal(n * k, 0.37), k).unwrap();
+            let w = QMatRef::new(&wq, q, n, k).unwrap();
+            let packed = super::super::packed::pack(w).unwrap();
+            let x = signal(t * k, 0.11);
+            let mut buf = vec![0f32; t * n + 64];
+            let at = buf.as_ptr().align_offset(crate::alloc::ALIGN);
+            for shift in [0, 1, 4] {
+                let out = &mut buf[at + shift..at + shift + t * n];
+                gemm(w, &x, out).unwrap();
+                let plain = out.to_vec();
+                if let Some(p) = &packed {
+                    gemm_packed(p, &x, out).unwrap();
+                }
+                let repacked = out.to_vec();
+                let mut want = vec![0f32; t * n + 16];
+                let wat = want.as_ptr().align_offset(crate::alloc::ALIGN);
+                gemm(w, &x, &mut want[wat..wat + t * n]).unwrap();
+                assert_eq!(plain, want[wat..wat + t * n], "{q}, output {shift} floats off the line");
+                if let Some(p) = &packed {
+                    gemm_packed(p, &x, &mut want[wat..wat + t * n]).unwrap();
+                    assert_eq!(repacked, want[wat..wat + t * n], "{q} packed, output {shift} floats off the line");
                 }
             }
         }
