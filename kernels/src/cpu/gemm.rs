@@ -99,8 +99,22 @@ pub fn gemm(w: QMatRef, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
 }
 
 /// `out[T, N] = x[T, K] · W[N, K]ᵀ` with W repacked ([`super::packed`]): the buffer type's own kernel.
+/// A weight packed with padding rows ([`PackedMat::padded_rows`]) is multiplied in full into a
+/// scratch buffer, whose real columns are copied out.
 pub fn gemm_packed(w: &PackedMat, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
-    mul_mat(Src0::Packed(w), w.n_rows, w.n_cols, x, out)
+    if w.padded_rows == w.n_rows {
+        return mul_mat(Src0::Packed(w), w.n_rows, w.n_cols, x, out);
+    }
+    let t = x.len() / w.n_cols.max(1);
+    if out.len() != t * w.n_rows {
+        return Err(QuantError::Length { what: "output values", expected: t * w.n_rows, got: out.len() });
+    }
+    let mut wide = vec![0f32; t * w.padded_rows]; // [T, padded N]
+    mul_mat(Src0::Packed(w), w.padded_rows, w.n_cols, x, &mut wide)?;
+    for (o, row) in out.chunks_mut(w.n_rows).zip(wide.chunks(w.padded_rows)) {
+        o.copy_from_slice(&row[..w.n_rows]);
+    }
+    Ok(())
 }
 
 /// The weight operand of one `mul_mat`: block-format bytes, or a tensor of an extra buffer type.

@@ -35,6 +35,9 @@ pub struct PackedMat {
     tensor: *mut sys::ggml_tensor,
     pub n_rows: usize,
     pub n_cols: usize,
+    /// Rows of the packed tensor: `n_rows`, or `n_rows` rounded up to [`ROW_PAD`] with zero rows where
+    /// no kernel tiles `n_rows` itself (Phi-2's 50,295-row head); the extra outputs are dropped.
+    pub padded_rows: usize,
     /// Bytes of the packed copy.
     pub n_bytes: usize,
     /// ggml's name of the buffer type (e.g. "AMX", "CPU_REPACK").
@@ -90,8 +93,15 @@ fn extra_buffer_types() -> Vec<sys::ggml_backend_buffer_type_t> {
     out
 }
 
+/// Row multiple a matrix is padded to when no layout takes its own row count (AMX tiles 32 output
+/// columns at a time, its one-token kernel 32–128; the interleaved layouts 4 or 8).
+pub const ROW_PAD: usize = 64;
+
 /// Repacks `w` into the first extra buffer type whose `mul_mat` takes it (type and shape), or returns
-/// `None` when none does (f32 weights, a CPU without the SIMD, a shape the kernels do not tile).
+/// `None` when none does (f32 weights, a CPU without the SIMD, a shape the kernels do not tile). A
+/// row count no layout tiles is padded with zero rows to a multiple of [`ROW_PAD`] (a copy of the
+/// weight while packing): the output head is read every token, and ggml's generic kernel streams it
+/// at about two thirds of the packed one's speed.
 pub fn pack(w: QMatRef) -> Result<Option<PackedMat>, QuantError> {
     let (n, k) = (w.n_rows, w.n_cols);
     let want = w.qtype.bytes_for(n, k).ok_or(QuantError::Overflow)?;
@@ -101,15 +111,29 @@ pub fn pack(w: QMatRef) -> Result<Option<PackedMat>, QuantError> {
     if n == 0 || k == 0 {
         return Ok(None);
     }
-    for buft in extra_buffer_types() {
-        if let Some(p) = pack_into(buft, w)? {
+    let bufts = extra_buffer_types();
+    for &buft in &bufts {
+        if let Some(p) = pack_into(buft, w, n)? {
             return Ok(Some(p));
+        }
+    }
+    let padded_rows = n.div_ceil(ROW_PAD) * ROW_PAD;
+    if padded_rows != n && !bufts.is_empty() {
+        // all-zero blocks are zero weights in every block format (scale 0, quants 0)
+        let mut data = w.data.to_vec();
+        data.resize(w.qtype.bytes_for(padded_rows, k).ok_or(QuantError::Overflow)?, 0);
+        let padded = QMatRef { data: &data, qtype: w.qtype, n_rows: padded_rows, n_cols: k };
+        for &buft in &bufts {
+            if let Some(p) = pack_into(buft, padded, n)? {
+                return Ok(Some(p));
+            }
         }
     }
     Ok(None)
 }
 
-fn pack_into(buft: sys::ggml_backend_buffer_type_t, w: QMatRef) -> Result<Option<PackedMat>, QuantError> {
+/// Packs all of `w` into `buft`; the first `n_rows` of its rows are the real ones.
+fn pack_into(buft: sys::ggml_backend_buffer_type_t, w: QMatRef, n_rows: usize) -> Result<Option<PackedMat>, QuantError> {
     let (n, k) = (w.n_rows, w.n_cols);
     // SAFETY: (whole block) the context is made here with room for 2 headers and no data (no_alloc);
     // `w_t` gets its data from a buffer of exactly the size the buffer type asks for it, through
@@ -165,7 +189,7 @@ fn pack_into(buft: sys::ggml_backend_buffer_type_t, w: QMatRef) -> Result<Option
         }
         sys::ggml_backend_tensor_set(w_t, w.data.as_ptr() as *const c_void, 0, w.data.len());
         let name = CStr::from_ptr(sys::ggml_backend_buft_name(buft)).to_str().unwrap_or("extra");
-        Ok(Some(PackedMat { ctx, buffer, tensor: w_t, n_rows: n, n_cols: k, n_bytes: size, layout: name }))
+        Ok(Some(PackedMat { ctx, buffer, tensor: w_t, n_rows, n_cols: k, padded_rows: n, n_bytes: size, layout: name }))
     }
 }
 
@@ -206,6 +230,31 @@ mod tests {
                 for (i, (p_, q_)) in a.iter().zip(&b).enumerate() {
                     assert!((p_ - q_).abs() <= tol * scale, "{q} ({}) t={t} [{i}]: {p_} vs {q_}", p.layout);
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_count_no_layout_tiles_is_padded_and_the_padding_dropped() {
+        let (n, k) = (70, 256); // 70 = no multiple of any layout's tile
+        for q in [QuantType::Q4_0, QuantType::Q8_0, QuantType::Q4_K] {
+            let wq = quant::quantize_rows_vec(q, &signal(n * k, 0.37), k).unwrap();
+            let w = QMatRef::new(&wq, q, n, k).unwrap();
+            let Some(p) = pack(w).unwrap() else {
+                eprintln!("{q}: no packed layout on this CPU");
+                continue;
+            };
+            assert_eq!((p.n_rows, p.padded_rows), (n, ROW_PAD * 2), "{q}");
+            for t in [1usize, 5] {
+                let x = signal(t * k, 0.11);
+                let (mut a, mut b) = (vec![0f32; t * n], vec![0f32; t * n]);
+                gemm_packed(&p, &x, &mut a).unwrap();
+                matmul_vec_dot(w, &x, &mut b).unwrap();
+                let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+                for (i, (p_, q_)) in a.iter().zip(&b).enumerate() {
+                    assert!((p_ - q_).abs() <= PACKED_REL_TOL * scale, "{q} t={t} [{i}]: {p_} vs {q_}");
+                }
+                assert!(gemm_packed(&p, &x, &mut vec![0f32; t * p.padded_rows]).is_err(), "{q}: padded length refused");
             }
         }
     }
