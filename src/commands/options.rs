@@ -39,11 +39,12 @@ pub struct ModelArgs {
     /// `cpu`, or `auto`: the CPU for decode steps when it reads memory faster than PCIe copies, else copy.
     #[arg(long, default_value = "auto", value_name = "POLICY")]
     pub miss_policy: String,
-    /// On the CPU, keep every weight in the file's own layout. By default the attention, dense-FFN,
-    /// output and vision-tower matrices are repacked once, at first use, into the layout of ggml's
-    /// fastest kernels for this CPU (AMX tiles on Xeons that have them, else an interleaved layout for
-    /// q4_0/q4_K where AVX2 allows; llama.cpp does the same at load), and the file's pages of them are
-    /// released. Experts are never repacked.
+    /// On the CPU, keep every weight in the file's own layout. By default each matrix (attention,
+    /// FFN, each routed expert, output head, vision tower) is repacked once, at its first use, into
+    /// the layout of ggml's fastest kernels for this CPU (AMX tiles on Xeons that have them, else an
+    /// interleaved layout for q4_0/q4_K where AVX2 allows; llama.cpp does the same at load), and the
+    /// file's pages of it are released. Experts held by --expert-ram's cache keep the file's layout
+    /// (the budget counts file bytes).
     #[arg(long)]
     pub no_repack: bool,
     #[command(flatten)]

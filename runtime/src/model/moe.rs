@@ -18,7 +18,7 @@ use crate::experts::ExpertCache;
 use crate::gguf::keys::tensors as tn;
 use crate::model::config::{Family, LlmConfig, MoeConfig};
 use crate::model::ffn::Ffn;
-use crate::model::weights::WeightStore;
+use crate::model::weights::{Weight, WeightStore};
 use crate::rng::Rng;
 
 /// How the second expert is chosen.
@@ -134,7 +134,7 @@ pub fn route(logits: &[f32], n_expert: usize, eval_capacity_factor: f32, min_cap
 /// Stacked expert weights of one MoE layer and its gate.
 pub struct Moe {
     pub layer: usize,
-    gate: crate::model::weights::Weight,
+    gate: Weight,
     experts: Vec<Ffn>,
     n_expert: usize,
     eval_capacity_factor: f32,
@@ -147,25 +147,25 @@ impl Moe {
         let n = |part: &str| tn::blk(layer, part);
         let up = ws.stacked(&n("ffn_up_exps.weight"), e, f, d)?;
         let down = ws.stacked(&n("ffn_down_exps.weight"), e, d, f)?;
+        // Run from the map, an expert is repacked at its first use like every other matrix (prefill
+        // then takes the AMX/interleaved kernels); an expert-cache slot's copy stays in the file's
+        // layout, so `--expert-ram` runs on ggml's generic kernels.
+        let own = |w: &Weight, first: usize, rows: usize| w.slice_rows(first, rows).with_own_repack();
         let experts = if c.family == Family::Phi2 {
             let up_b = ws.f32(&n("ffn_up_exps.bias"), &[e, f])?;
             let down_b = ws.f32(&n("ffn_down_exps.bias"), &[e, d])?;
             (0..e)
                 .map(|x| Ffn::Gelu {
-                    up: up.slice_rows(x * f, f),
+                    up: own(&up, x * f, f),
                     up_b: up_b[x * f..(x + 1) * f].into(),
-                    down: down.slice_rows(x * d, d),
+                    down: own(&down, x * d, d),
                     down_b: down_b[x * d..(x + 1) * d].into(),
                 })
                 .collect()
         } else {
             let gate = ws.stacked(&n("ffn_gate_exps.weight"), e, f, d)?;
             (0..e)
-                .map(|x| Ffn::SwiGlu {
-                    gate: gate.slice_rows(x * f, f),
-                    up: up.slice_rows(x * f, f),
-                    down: down.slice_rows(x * d, d),
-                })
+                .map(|x| Ffn::SwiGlu { gate: own(&gate, x * f, f), up: own(&up, x * f, f), down: own(&down, x * d, d) })
                 .collect()
         };
         Ok(Moe {

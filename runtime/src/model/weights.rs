@@ -29,7 +29,7 @@ pub struct Weight {
     pub rows: usize,
     pub cols: usize,
     /// The CPU's repacked copy ([`Self::packed`]), shared by clones: made on first use. `None` for a
-    /// weight that is never repacked (experts, copies outside the map).
+    /// weight that is never repacked (copies outside the map, e.g. an expert-cache slot's).
     repack: Option<Arc<OnceLock<Option<PackedMat>>>>,
 }
 
@@ -89,12 +89,21 @@ impl Weight {
         }
     }
 
+    /// The same mapped matrix with a repacked copy of its own ([`Self::packed`]), made at its first
+    /// use: one expert of a stacked tensor, run from the map (no expert cache). A copy outside the map
+    /// stays unpacked.
+    pub fn with_own_repack(self) -> Weight {
+        let repack = matches!(self.storage, Storage::Mapped(_)).then(Arc::default);
+        Weight { repack, ..self }
+    }
+
     /// The matrix in ggml-cpu's fastest layout for this CPU ([`packed`]: AMX tiles, or an interleaved
     /// repack), made on the first call and kept for the weight's life; the mapped pages of the original
     /// bytes are then released (only the copy is read from then on; a later read of the original, e.g.
     /// an embedding lookup in a tied table, maps them back from the file). `None` when the weight is
-    /// not repacked: experts (their cache slots must hold the same bytes as the file), weights outside
-    /// the map, types or shapes no layout takes, or repacking turned off ([`packed::set_enabled`]).
+    /// not repacked: weights outside the map (an expert-cache slot's copy), a stacked tensor as a whole
+    /// (its experts repack one by one, [`Self::with_own_repack`]), types or shapes no layout takes, or
+    /// repacking turned off ([`packed::set_enabled`]).
     pub fn packed(&self) -> Option<&PackedMat> {
         let cell = self.repack.as_ref()?;
         if !packed::enabled() {
@@ -180,9 +189,8 @@ impl WeightStore {
         self.get(name, shape, Some(cols))
     }
 
-    /// Stacked experts `[n_expert, rows, cols]`, as one `[n_expert·rows, cols]` matrix. Never
-    /// repacked: an expert runs from the map or from a cache slot holding a copy of its bytes, and both
-    /// must give the same result, bit for bit.
+    /// Stacked experts `[n_expert, rows, cols]`, as one `[n_expert·rows, cols]` matrix. Not repacked as
+    /// a whole: each expert's slice may be, on its own ([`Weight::with_own_repack`]).
     pub fn stacked(&self, name: &str, n_expert: usize, rows: usize, cols: usize) -> Result<Weight> {
         self.get_as(name, &[n_expert, rows, cols], None, false)
     }
