@@ -130,16 +130,23 @@ fn header(m: &Path, tmp: &Path) -> Value {
 #[test]
 fn replay_reproduces_the_runs_decisions() {
     let tmp = tempfile::tempdir().unwrap();
-    let Some(m) = model(tmp.path(), "stablelm") else { return };
-    for (budget, policy, prefetch) in
-        [("50%", "lru", true), ("50%", "least-stale", true), ("25%", "lfu", false), ("75%", "lru", false)]
-    {
+    let Some(sl) = model(tmp.path(), "stablelm") else { return };
+    // qwen's last layer is a MoE layer: a prefill runs only the last token's experts there
+    let Some(qw) = model(tmp.path(), "qwen") else { return };
+    for (m, budget, policy, prefetch) in [
+        (&sl, "50%", "lru", true),
+        (&sl, "50%", "least-stale", true),
+        (&sl, "25%", "lfu", false),
+        (&sl, "75%", "lru", false),
+        (&qw, "50%", "lru", true),
+        (&qw, "25%", "lfu", false),
+    ] {
         let trace = tmp.path().join(format!("t-{policy}-{budget}.jsonl"));
         let mut extra = vec!["--expert-ram", budget, "--expert-policy", policy, "--route-trace", trace.to_str().unwrap()];
         if prefetch {
             extra.push("--prefetch");
         }
-        let (j, _) = run(&m, tmp.path(), "traced", &extra);
+        let (j, _) = run(m, tmp.path(), "traced", &extra);
         let slots = j["expert_cache"]["slots"].as_u64().unwrap().to_string();
         let mut args = vec!["replay-route", trace.to_str().unwrap(), "--budget", slots.as_str(), "--policy", policy, "--json"];
         if prefetch {

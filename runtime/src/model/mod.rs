@@ -241,7 +241,7 @@ impl<B: Backend> Model<B> {
                 .iter()
                 .zip(&trace.guesses[g0..])
                 .map(|((layer, _, r), g)| {
-                    (*layer, (0..r.experts.len()).map(|t| r.kept_experts(t).collect()).collect(), g.clone())
+                    (*layer, (0..r.experts.len()).map(|t| r.computed_experts(t).collect()).collect(), g.clone())
                 })
                 .collect();
             w.lock().unwrap_or_else(|e| e.into_inner()).record_call(pos, &layers)?;

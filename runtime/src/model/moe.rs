@@ -60,6 +60,9 @@ pub struct Routing {
     pub weights: Vec<[f32; 2]>,
     pub kept: Vec<[bool; 2]>,
     pub capacity: usize,
+    /// The first token whose experts are computed: 0, or the last token when only the last row's
+    /// output is wanted ([`MoeStep::last_only`]); earlier tokens are routed (capacity) but not run.
+    pub computed_from: usize,
 }
 
 impl Routing {
@@ -68,14 +71,16 @@ impl Routing {
         (0..2).filter(move |k| self.kept[tok][*k]).map(move |k| self.experts[tok][k])
     }
 
-    /// The distinct experts the layer computes in this call, ascending.
-    pub fn needed(&self) -> Vec<usize> {
-        self.needed_by(0..self.experts.len())
+    /// The experts token `tok` is actually run through in this call: its kept choices, or none for a
+    /// token before [`Self::computed_from`] (what the route trace records and a replay loads).
+    pub fn computed_experts(&self, tok: usize) -> impl Iterator<Item = usize> + '_ {
+        let run = tok >= self.computed_from;
+        self.kept_experts(tok).filter(move |_| run)
     }
 
-    /// The distinct experts that the tokens `toks` are computed by, ascending.
-    pub fn needed_by(&self, toks: std::ops::Range<usize>) -> Vec<usize> {
-        let mut v: Vec<usize> = toks.flat_map(|tok| self.kept_experts(tok)).collect();
+    /// The distinct experts the layer computes in this call, ascending.
+    pub fn needed(&self) -> Vec<usize> {
+        let mut v: Vec<usize> = (self.computed_from..self.experts.len()).flat_map(|tok| self.kept_experts(tok)).collect();
         v.sort_unstable();
         v.dedup();
         v
@@ -128,7 +133,7 @@ pub fn route(logits: &[f32], n_expert: usize, eval_capacity_factor: f32, min_cap
             [g1 / d, g2 / d]
         })
         .collect();
-    Routing { experts, weights, kept, capacity: cap }
+    Routing { experts, weights, kept, capacity: cap, computed_from: 0 }
 }
 
 /// Stacked expert weights of one MoE layer and its gate.
@@ -204,14 +209,15 @@ impl Moe {
         let logits = self.router(be, h, mode)?; // [T, E]
         let (t, d) = be.shape(h);
         let noise = gating.noise(self.layer, t * self.n_expert);
-        let routing = match mode {
+        let mut routing = match mode {
             RowMode::Sequence => route(&logits, self.n_expert, self.eval_capacity_factor, self.min_capacity, noise.as_deref()),
             RowMode::Independent => route(&logits, self.n_expert, f32::INFINITY, 0, noise.as_deref()),
         };
         let guess = step.next.map(|n| n.guess(be, h).map(|g| (n.layer, g))).transpose()?;
         // the rows whose output is computed: all, or (last_only) the last one, routed among all
         let first_out = if step.last_only { t.saturating_sub(1) } else { 0 };
-        let needed = routing.needed_by(first_out..t);
+        routing.computed_from = first_out;
+        let needed = routing.needed();
         let mut out = be.zeros(t - first_out, d);
         let apply = |e: usize, expert: &Ffn, out: &mut B::Act| -> Result<()> {
             let (mut rows, mut out_rows, mut weights) = (Vec::new(), Vec::new(), Vec::new());
