@@ -95,26 +95,14 @@ pub fn gemm(w: QMatRef, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
     if w.data.len() != want {
         return Err(QuantError::Length { what: "weight bytes", expected: want, got: w.data.len() });
     }
-    mul_mat(Src0::Raw(w), w.n_rows, w.n_cols, x, out)
+    mul_mat(Src0::Raw(w), w.n_rows, w.n_rows, w.n_cols, x, out)
 }
 
 /// `out[T, N] = x[T, K] · W[N, K]ᵀ` with W repacked ([`super::packed`]): the buffer type's own kernel.
-/// A weight packed with padding rows ([`PackedMat::padded_rows`]) is multiplied in full into a
-/// scratch buffer, whose real columns are copied out.
+/// A weight packed with padding rows ([`PackedMat::padded_rows`]) is multiplied in full; only its
+/// real columns reach `out`.
 pub fn gemm_packed(w: &PackedMat, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
-    if w.padded_rows == w.n_rows {
-        return mul_mat(Src0::Packed(w), w.n_rows, w.n_cols, x, out);
-    }
-    let t = x.len() / w.n_cols.max(1);
-    if out.len() != t * w.n_rows {
-        return Err(QuantError::Length { what: "output values", expected: t * w.n_rows, got: out.len() });
-    }
-    let mut wide = vec![0f32; t * w.padded_rows]; // [T, padded N]
-    mul_mat(Src0::Packed(w), w.padded_rows, w.n_cols, x, &mut wide)?;
-    for (o, row) in out.chunks_mut(w.n_rows).zip(wide.chunks(w.padded_rows)) {
-        o.copy_from_slice(&row[..w.n_rows]);
-    }
-    Ok(())
+    mul_mat(Src0::Packed(w), w.padded_rows, w.n_rows, w.n_cols, x, out)
 }
 
 /// The weight operand of one `mul_mat`: block-format bytes, or a tensor of an extra buffer type.
@@ -123,18 +111,27 @@ enum Src0<'a> {
     Packed(&'a PackedMat),
 }
 
-fn mul_mat(w: Src0, n: usize, k: usize, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
-    if out.as_ptr().align_offset(crate::alloc::ALIGN) != 0 && out.len() > 1 {
-        // ggml's kernels read and write output rows in 64-byte vectors, which straddle cache lines on
-        // a misaligned buffer (AMX: ~1.55× slower, see `crate::alloc`): compute into an aligned one.
-        let mut tmp = vec![0f32; out.len() + crate::alloc::ALIGN / 4];
-        let off = tmp.as_ptr().align_offset(crate::alloc::ALIGN);
-        let aligned = &mut tmp[off..off + out.len()];
-        mul_mat_into(w, n, k, x, aligned)?;
-        out.copy_from_slice(aligned);
-        return Ok(());
+/// `out[T, n_keep]` = the first `n_keep` of the `n` outputs of `x · Wᵀ`. ggml writes straight into
+/// `out` when it can: all columns kept and `out` on a cache line. Otherwise it writes an aligned
+/// scratch `[T, n]` whose kept columns are copied out — ggml's kernels read and write output rows in
+/// 64-byte vectors, which straddle cache lines on a misaligned buffer (AMX: ~1.5× slower, see
+/// `crate::alloc`).
+fn mul_mat(w: Src0, n: usize, n_keep: usize, k: usize, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
+    if n_keep == n && out.as_ptr().align_offset(crate::alloc::ALIGN) == 0 {
+        return mul_mat_into(w, n, k, x, out);
     }
-    mul_mat_into(w, n, k, x, out)
+    let t = x.len() / k.max(1);
+    if out.len() != t * n_keep {
+        return Err(QuantError::Length { what: "output values", expected: t * n_keep, got: out.len() });
+    }
+    let mut tmp = vec![0f32; t * n + crate::alloc::ALIGN / 4];
+    let off = tmp.as_ptr().align_offset(crate::alloc::ALIGN);
+    let wide = &mut tmp[off..off + t * n]; // [T, n]
+    mul_mat_into(w, n, k, x, wide)?;
+    for (o, row) in out.chunks_mut(n_keep.max(1)).zip(wide.chunks(n.max(1))) {
+        o.copy_from_slice(&row[..n_keep]);
+    }
+    Ok(())
 }
 
 fn mul_mat_into(w: Src0, n: usize, k: usize, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
