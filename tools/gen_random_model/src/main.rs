@@ -10,6 +10,8 @@
 //! With --peer, a second file for llama.cpp is written beside the model: the language model alone in
 //! llama.cpp's layout, dense, with the same bytes read per token (MoE files: a dense FFN as wide as the
 //! two routed experts of a MoE layer averaged over all layers) — the peer of `moellava bench --peer`.
+//! Its FFN width falls in the same block-size class as the experts' (see [`peer_ffn_width`]), so the
+//! same plan gives both files the same quant types.
 //!
 //!   cargo run --release -p moellava-gen-random-model -- --family phi2 --plan q4 -o phi2-4e-q4.gguf --peer
 
@@ -113,6 +115,21 @@ fn tower_config(kind: TowerKind) -> TowerConfig {
         #[allow(clippy::excessive_precision)]
         std: if clip { [0.268_629_54, 0.261_302_58, 0.275_777_11] } else { [0.5; 3] },
     }
+}
+
+/// The dense peer's FFN width for experts `n_ff` wide read `per_layer` times per layer on average: the
+/// nearest multiple of 32 (every block size but the k-quants'), divisible by 256 exactly when `n_ff`
+/// is. A k-quant plan then falls back on the same matrices in both files (Qwen's 5504-wide experts
+/// have their `ffn_down` in q5_0 under q4_k; a 256-multiple peer would keep q4_k there and compare
+/// different kernels).
+fn peer_ffn_width(n_ff: usize, per_layer: f64) -> usize {
+    let mut w = ((n_ff as f64 * per_layer / 32.0).round() as usize).max(1) * 32;
+    if n_ff % 256 == 0 {
+        w = ((n_ff as f64 * per_layer / 256.0).round() as usize).max(1) * 256;
+    } else if w % 256 == 0 {
+        w += 32;
+    }
+    w
 }
 
 /// A vocabulary of the real size: the 256 byte tokens, filler tokens, `<|endoftext|>` last. No merges:
@@ -278,7 +295,7 @@ fn main() -> Result<()> {
         if let Some(m) = dense.moe.take() {
             // Same bytes per token: MoE layers read two experts, dense layers one FFN.
             let per_layer = (m.layers.len() * 2 + (llm.n_layer - m.layers.len())) as f64 / llm.n_layer as f64;
-            dense.n_ff = ((llm.n_ff as f64 * per_layer / 256.0).round() as usize) * 256;
+            dense.n_ff = peer_ffn_width(llm.n_ff, per_layer);
             dense.feed_forward_length = if family == Family::Qwen { 2 * dense.n_ff } else { dense.n_ff };
         }
         dense.model_type = format!("llava_{}", family.arch());
@@ -287,4 +304,20 @@ fn main() -> Result<()> {
         write(&peer, &dense, None, &qplan, &vocab, a.seed ^ 1, true)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::peer_ffn_width;
+
+    #[test]
+    fn peer_width_keeps_the_block_size_class() {
+        // Phi-2 and StableLM experts are 256-multiples: the peer stays one, at the exact width.
+        assert_eq!(peer_ffn_width(10240, 1.5), 15360);
+        assert_eq!(peer_ffn_width(5632, 1.5), 8448);
+        // Qwen's 5504 is not: 8256 is not either (q5_0 ffn_down in both files under q4_k) ...
+        assert_eq!(peer_ffn_width(5504, 1.5), 8256);
+        // ... and a width that would round onto a 256-multiple is moved off it.
+        assert_eq!(peer_ffn_width(5504, 256.0 * 43.0 / 5504.0), 11008 + 32);
+    }
 }
