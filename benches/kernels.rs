@@ -53,6 +53,26 @@ fn matvec(c: &mut Criterion) {
         }
     }
     g.finish();
+
+    // The same kernels on a weight that stays in L2 (1024 × 2560: at most 1.4 MB per core at q8_0 with
+    // two threads): the bytes/s the kernel can consume when memory is not the limit, i.e. its compute
+    // ceiling. Decode is memory-bound only where this is well above the bandwidth probe's figure.
+    let mut g = c.benchmark_group("matvec_l2");
+    g.sample_size(50);
+    let rows = 1024;
+    for q in [QuantType::Q4_0, QuantType::Q4_K, QuantType::Q8_0] {
+        let w = weights(q, rows, HIDDEN);
+        let m = QMatRef::new(&w, q, rows, HIDDEN).unwrap();
+        let mut y = vec![0f32; rows];
+        g.throughput(Throughput::Bytes(w.len() as u64));
+        g.bench_function(BenchmarkId::new(q.name(), "1024x2560"), |b| b.iter(|| matmul(m, black_box(&x), &mut y).unwrap()));
+        if let Some(p) = packed::pack(m).unwrap() {
+            g.bench_function(BenchmarkId::new(format!("{}_{}", q.name(), p.layout), "1024x2560"), |b| {
+                b.iter(|| gemm::gemm_packed(&p, black_box(&x), &mut y).unwrap())
+            });
+        }
+    }
+    g.finish();
 }
 
 /// Prefill: 128 tokens through a 2560 × 2560 projection, by ggml's mul_mat, by per-row vec_dot and by
