@@ -117,7 +117,7 @@ pub fn gemm_packed_many(jobs: &mut [(&PackedMat, &[f32], &mut [f32])]) -> Result
     let mut direct = Vec::with_capacity(jobs.len());
     for (w, x, out) in jobs.iter_mut() {
         if w.padded_rows == w.n_rows && out.as_ptr().align_offset(crate::alloc::ALIGN) == 0 {
-            direct.push(Job { w: Src0::Packed(w), n: w.n_rows, k: w.n_cols, x, out: &mut **out });
+            direct.push(Job { w: Src0::Packed(w), n: w.n_rows, k: w.n_cols, x, out });
         } else {
             gemm_packed(w, x, out)?;
         }
