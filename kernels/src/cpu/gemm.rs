@@ -22,8 +22,8 @@ use super::packed::PackedMat;
 use crate::quant::{self, QuantError};
 
 /// ggml's worker threads, the scratch buffer its plans ask for (activations converted to the weight
-/// type's dot partner live there) and the memory of the per-call context (3 tensor headers per product
-/// + a graph), all made once (grown when a call needs more) and reused by every call.
+/// type's dot partner live there) and the memory of the per-call context (3 tensor headers + a graph),
+/// all made once and reused by every call.
 struct Pool {
     threadpool: *mut sys::ggml_threadpool,
     n_threads: usize,
@@ -31,8 +31,7 @@ struct Pool {
     ctx_mem: Vec<u8>,
 }
 
-/// Graph slots of a one-matmul graph (ggml's default graph holds 2,048, sized for whole models); a
-/// graph of several products gets 3 per product.
+/// Nodes of the one-matmul graph (ggml's default graph holds 2,048, sized for whole models).
 const GRAPH_NODES: usize = 4;
 
 // SAFETY: the pool is only ever touched with `POOL`'s mutex held, so at most one thread uses the
@@ -51,7 +50,7 @@ impl Pool {
             return Err(QuantError::Ggml { what: "thread pool", status: -1 });
         }
         // SAFETY: pure size queries.
-        let ctx_bytes = unsafe { 3 * sys::ggml_tensor_overhead() + sys::ggml_graph_overhead_custom(GRAPH_NODES, false) } + 1024; // one job; grown on demand
+        let ctx_bytes = unsafe { 3 * sys::ggml_tensor_overhead() + sys::ggml_graph_overhead_custom(GRAPH_NODES, false) } + 1024;
         Ok(Pool { threadpool, n_threads, work: Vec::new(), ctx_mem: vec![0u8; ctx_bytes] })
     }
 }
@@ -106,25 +105,6 @@ pub fn gemm_packed(w: &PackedMat, x: &[f32], out: &mut [f32]) -> Result<(), Quan
     mul_mat(Src0::Packed(w), w.padded_rows, w.n_rows, w.n_cols, x, out)
 }
 
-/// Several products `outs[i][T_i, N_i] = xs[i][T_i, K_i] · W_i[N_i, K_i]ᵀ` over repacked weights, as one
-/// ggml graph of independent `mul_mat` nodes: ggml's sleeping worker is woken once for all of them
-/// instead of once per product (a decode step runs dozens of small matmuls; a MoE layer's experts and
-/// a SwiGLU block's gate and up projections are independent of each other). Each output is what
-/// [`gemm_packed`] gives for that product alone, bit for bit: the same kernel, the same threads.
-/// Products whose weight carries padding rows or whose output is off a cache line run on their own
-/// (they need the scratch-and-copy path).
-pub fn gemm_packed_many(jobs: &mut [(&PackedMat, &[f32], &mut [f32])]) -> Result<(), QuantError> {
-    let mut direct = Vec::with_capacity(jobs.len());
-    for (w, x, out) in jobs.iter_mut() {
-        if w.padded_rows == w.n_rows && out.as_ptr().align_offset(crate::alloc::ALIGN) == 0 {
-            direct.push(Job { w: Src0::Packed(w), n: w.n_rows, k: w.n_cols, x, out });
-        } else {
-            gemm_packed(w, x, out)?;
-        }
-    }
-    compute(&mut direct)
-}
-
 /// The weight operand of one `mul_mat`: block-format bytes, or a tensor of an extra buffer type.
 enum Src0<'a> {
     Raw(QMatRef<'a>),
@@ -155,51 +135,22 @@ fn mul_mat(w: Src0, n: usize, n_keep: usize, k: usize, x: &[f32], out: &mut [f32
 }
 
 fn mul_mat_into(w: Src0, n: usize, k: usize, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
-    compute(&mut [Job { w, n, k, x, out }])
-}
-
-/// One `mul_mat` node of a graph: `out[T, n] = x[T, k] · Wᵀ`, written straight into `out`.
-struct Job<'a> {
-    w: Src0<'a>,
-    n: usize,
-    k: usize,
-    x: &'a [f32],
-    out: &'a mut [f32],
-}
-
-/// Runs the jobs as one graph of independent `mul_mat` nodes (in order) on the process's pool.
-fn compute(jobs: &mut [Job]) -> Result<(), QuantError> {
-    for j in jobs.iter() {
-        let t = j.x.len() / j.k.max(1);
-        if j.k == 0 || j.x.len() != t * j.k {
-            return Err(QuantError::Length {
-                what: "activation values (a whole number of rows)",
-                expected: t * j.k,
-                got: j.x.len(),
-            });
-        }
-        if j.out.len() != t * j.n {
-            return Err(QuantError::Length { what: "output values", expected: t * j.n, got: j.out.len() });
-        }
+    let t = x.len() / k.max(1);
+    if k == 0 || x.len() != t * k {
+        return Err(QuantError::Length { what: "activation values (a whole number of rows)", expected: t * k, got: x.len() });
     }
-    let mut live: Vec<&mut Job> = jobs.iter_mut().filter(|j| !j.x.is_empty() && j.n > 0).collect();
-    if live.is_empty() {
+    if out.len() != t * n {
+        return Err(QuantError::Length { what: "output values", expected: t * n, got: out.len() });
+    }
+    if t == 0 || n == 0 {
         return Ok(());
     }
     quant::init();
     let n_threads = rayon::current_num_threads().max(1);
-    // Each node brings 3 tensor headers (W unless packed, x, out) and needs 3 graph slots (2 leaves, 1 node).
-    let nodes = GRAPH_NODES.max(3 * live.len());
     with_pool(n_threads, |pool| {
-        // SAFETY: pure size queries.
-        let need = unsafe { 3 * live.len() * sys::ggml_tensor_overhead() + sys::ggml_graph_overhead_custom(nodes, false) } + 1024;
-        if pool.ctx_mem.len() < need {
-            pool.ctx_mem.resize(need, 0);
-        }
-        // SAFETY: the context lives in `pool.ctx_mem` (sized above for the jobs' tensor headers and a
-        // graph of `nodes` slots, and not touched by anyone else while the pool's mutex is held);
-        // `no_alloc` means ggml never allocates tensor data in it, and it is freed before this closure
-        // returns.
+        // SAFETY: the context lives in `pool.ctx_mem` (sized for its 3 tensor headers and a graph of
+        // GRAPH_NODES nodes, and not touched by anyone else while the pool's mutex is held); `no_alloc`
+        // means ggml never allocates tensor data in it, and it is freed before this closure returns.
         let ctx = Ctx(unsafe {
             sys::ggml_init(sys::ggml_init_params {
                 mem_size: pool.ctx_mem.len(),
@@ -214,29 +165,24 @@ fn compute(jobs: &mut [Job]) -> Result<(), QuantError> {
         // shapes whose byte sizes were checked: src0 is either [K, N] of `w.qtype` over exactly
         // `w.data` (checked by `gemm`; K is a whole number of blocks: `QMatRef` guarantees it) or the
         // packed tensor of `PackedMat` ([K, N], alive for this borrow), src1 = [K, T] f32 over `x`,
-        // dst = [N, T] f32 over `out` (lengths checked above). ggml only reads src0/src1 (the `*mut`
-        // casts never write through) and writes each dst, which we borrow mutably and which do not
-        // overlap (distinct `&mut` slices). The nodes are independent, so their order does not
-        // matter. The plan's scratch buffer is `pool.work`, resized to the size ggml asked for (the
-        // largest node's: nodes run one after another), and the pool's thread count matches the plan's.
+        // dst = [N, T] f32 over `out`. ggml only reads src0/src1 (the `*mut` casts never write through)
+        // and writes dst, which we borrow mutably. The plan's scratch buffer is `pool.work`, resized to
+        // the size ggml asked for, and the pool's thread count matches the plan's.
         unsafe {
-            let graph = sys::ggml_new_graph_custom(ctx.0, nodes, false);
-            for j in live.iter_mut() {
-                let t = j.x.len() / j.k;
-                let w_t = match &j.w {
-                    Src0::Raw(w) => {
-                        let w_t = sys::ggml_new_tensor_2d(ctx.0, w.qtype.id() as sys::ggml_type, j.k as i64, j.n as i64);
-                        (*w_t).data = w.data.as_ptr() as *mut c_void;
-                        w_t
-                    }
-                    Src0::Packed(p) => p.tensor(),
-                };
-                let x_t = sys::ggml_new_tensor_2d(ctx.0, sys::GGML_TYPE_F32 as sys::ggml_type, j.k as i64, t as i64);
-                (*x_t).data = j.x.as_ptr() as *mut c_void;
-                let y_t = sys::ggml_mul_mat(ctx.0, w_t, x_t);
-                (*y_t).data = j.out.as_mut_ptr() as *mut c_void;
-                sys::ggml_build_forward_expand(graph, y_t);
-            }
+            let w_t = match w {
+                Src0::Raw(w) => {
+                    let w_t = sys::ggml_new_tensor_2d(ctx.0, w.qtype.id() as sys::ggml_type, k as i64, n as i64);
+                    (*w_t).data = w.data.as_ptr() as *mut c_void;
+                    w_t
+                }
+                Src0::Packed(p) => p.tensor(),
+            };
+            let x_t = sys::ggml_new_tensor_2d(ctx.0, sys::GGML_TYPE_F32 as sys::ggml_type, k as i64, t as i64);
+            (*x_t).data = x.as_ptr() as *mut c_void;
+            let y_t = sys::ggml_mul_mat(ctx.0, w_t, x_t);
+            (*y_t).data = out.as_mut_ptr() as *mut c_void;
+            let graph = sys::ggml_new_graph_custom(ctx.0, GRAPH_NODES, false);
+            sys::ggml_build_forward_expand(graph, y_t);
             let mut plan = sys::ggml_graph_plan(graph, n_threads as i32, pool.threadpool);
             if pool.work.len() < plan.work_size {
                 pool.work.resize(plan.work_size, 0);
@@ -307,50 +253,6 @@ mod tests {
                     gemm_packed(p, &x, &mut want[wat..wat + t * n]).unwrap();
                     assert_eq!(repacked, want[wat..wat + t * n], "{q} packed, output {shift} floats off the line");
                 }
-            }
-        }
-    }
-
-    #[test]
-    fn many_products_in_one_graph_equal_each_alone_bit_for_bit() {
-        let k = 256;
-        // a padded head (70 rows), plain shapes, one row and several, one output off the cache line
-        let shapes = [(64usize, 1usize), (128, 7), (70, 3), (64, 33), (96, 1)];
-        for q in [QuantType::Q8_0, QuantType::Q4_K, QuantType::Q4_0] {
-            let ws: Vec<Vec<u8>> =
-                shapes.iter().map(|(n, _)| quant::quantize_rows_vec(q, &signal(n * k, 0.37 + *n as f32), k).unwrap()).collect();
-            let packed: Vec<_> = shapes
-                .iter()
-                .zip(&ws)
-                .map(|((n, _), w)| super::super::packed::pack(QMatRef::new(w, q, *n, k).unwrap()).unwrap())
-                .collect();
-            let Some(packed) = packed.into_iter().collect::<Option<Vec<_>>>() else {
-                continue; // no repacked layout for this type on this CPU
-            };
-            let xs: Vec<Vec<f32>> = shapes.iter().map(|(_, t)| signal(t * k, 0.11 * *t as f32)).collect();
-            let alone: Vec<Vec<f32>> = shapes
-                .iter()
-                .zip(&packed)
-                .zip(&xs)
-                .map(|(((n, t), p), x)| {
-                    let mut o = vec![0f32; t * n];
-                    gemm_packed(p, x, &mut o).unwrap();
-                    o
-                })
-                .collect();
-            // outputs on a cache line (the one-graph path), but the fourth one float off it
-            let mut outs: Vec<Vec<f32>> = shapes.iter().map(|(n, t)| vec![f32::NAN; t * n + 32]).collect();
-            let at = |o: &Vec<f32>, i: usize| o.as_ptr().align_offset(crate::alloc::ALIGN) + usize::from(i == 3);
-            let starts: Vec<usize> = outs.iter().enumerate().map(|(i, o)| at(o, i)).collect();
-            let mut jobs: Vec<(&PackedMat, &[f32], &mut [f32])> = packed
-                .iter()
-                .zip(&xs)
-                .zip(outs.iter_mut().zip(&starts).zip(&alone))
-                .map(|((p, x), ((o, s), a))| (p, x.as_slice(), &mut o[*s..*s + a.len()]))
-                .collect();
-            gemm_packed_many(&mut jobs).unwrap();
-            for (i, ((o, s), a)) in outs.iter().zip(&starts).zip(&alone).enumerate() {
-                assert_eq!(&o[*s..*s + a.len()], a.as_slice(), "{q} product {i}");
             }
         }
     }

@@ -63,22 +63,6 @@ impl Backend for CpuBackend {
         Ok(HostMat { data: out, cols: w.rows })
     }
 
-    fn matmul_many(&self, jobs: &[(&HostMat, &Weight)]) -> Result<Vec<HostMat>> {
-        // The products over repacked weights go to ggml as one graph (one wake of its worker); the
-        // others (types no layout takes) run one by one.
-        let mut outs: Vec<HostMat> =
-            jobs.iter().map(|(x, w)| HostMat { data: vec![0f32; x.rows() * w.rows], cols: w.rows }).collect();
-        let mut graph = Vec::with_capacity(jobs.len());
-        for ((x, w), out) in jobs.iter().zip(outs.iter_mut()) {
-            match w.packed() {
-                Some(p) => graph.push((p, x.data.as_slice(), out.data.as_mut_slice())),
-                None => cpu::matmul(w.mat(), &x.data, &mut out.data)?,
-            }
-        }
-        gemm::gemm_packed_many(&mut graph)?;
-        Ok(outs)
-    }
-
     fn matmul_per_row(&self, x: &HostMat, w: &Weight) -> Result<HostMat> {
         // Exactly what a single token gets from `matmul`: the packed kernel one row at a time, or one
         // ggml vec_dot per (weight row, token).

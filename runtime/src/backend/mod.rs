@@ -34,14 +34,6 @@ impl RowMode {
             RowMode::Independent => be.matmul_per_row(x, w),
         }
     }
-
-    /// Several independent products in this mode ([`Backend::matmul_many`] for a sequence).
-    pub fn matmul_many<B: Backend>(self, be: &B, jobs: &[(&B::Act, &Weight)]) -> Result<Vec<B::Act>> {
-        match self {
-            RowMode::Sequence => be.matmul_many(jobs),
-            RowMode::Independent => jobs.iter().map(|(x, w)| be.matmul_per_row(x, w)).collect(),
-        }
-    }
 }
 
 /// The element type of the KV cache (`--kv-cache`).
@@ -104,11 +96,6 @@ pub trait Backend: Send + Sync {
 
     /// `x[T, K] · Wᵀ` for `W [N, K]` in any weight type → `[T, N]`.
     fn matmul(&self, x: &Self::Act, w: &Weight) -> Result<Self::Act>;
-    /// Several independent products `xs[i] · W_iᵀ` (a MoE layer's experts, a SwiGLU block's gate and up
-    /// projections), each equal to its own [`Backend::matmul`]; a backend may run them as one launch.
-    fn matmul_many(&self, jobs: &[(&Self::Act, &Weight)]) -> Result<Vec<Self::Act>> {
-        jobs.iter().map(|(x, w)| self.matmul(x, w)).collect()
-    }
     /// [`Backend::matmul`] where every output row is bit-identical to that row multiplied on its own
     /// (rows from different sequences in one decode step: a batch must not change any answer).
     fn matmul_per_row(&self, x: &Self::Act, w: &Weight) -> Result<Self::Act>;

@@ -57,54 +57,22 @@ impl Ffn {
 
     /// `x [T, D]` → `[T, D]`.
     pub fn forward<B: Backend>(&self, be: &B, x: &B::Act, mode: RowMode) -> Result<B::Act> {
-        Ok(Ffn::forward_many(be, &[(self, x)], mode)?.pop().expect("one block in, one out"))
-    }
-
-    /// Several blocks on their own inputs (`x_i [T_i, D]` → `[T_i, D]`), e.g. the routed experts of a
-    /// MoE layer: their first projections (Gelu: up; SwiGlu: gate and up) go to the backend as one
-    /// [`Backend::matmul_many`], then their down projections as another, so a CPU step wakes ggml's
-    /// worker twice for all of them. Each output equals that block's [`Self::forward`] alone.
-    pub fn forward_many<B: Backend>(be: &B, blocks: &[(&Ffn, &B::Act)], mode: RowMode) -> Result<Vec<B::Act>> {
-        let mut first = Vec::new();
-        for (ffn, x) in blocks {
-            match ffn {
-                Ffn::Gelu { up, .. } => first.push((*x, up)),
-                Ffn::SwiGlu { gate, up, .. } => first.extend([(*x, gate), (*x, up)]),
+        let mm = |x: &B::Act, w: &Weight| mode.matmul(be, x, w);
+        match self {
+            Ffn::Gelu { up, up_b, down, down_b } => {
+                let mut h = mm(x, up)?; // [T, F]
+                be.add_bias(&mut h, up_b);
+                be.activate(&mut h, Activation::GeluTanh);
+                let mut y = mm(&h, down)?; // [T, D]
+                be.add_bias(&mut y, down_b);
+                Ok(y)
+            }
+            Ffn::SwiGlu { gate, up, down } => {
+                let mut g = mm(x, gate)?; // [T, F]
+                be.activate(&mut g, Activation::Silu);
+                be.mul(&mut g, &mm(x, up)?);
+                mm(&g, down) // [T, D]
             }
         }
-        let mut first = mode.matmul_many(be, &first)?.into_iter(); // [T_i, F] each
-        let mut hidden = Vec::with_capacity(blocks.len());
-        for (ffn, _) in blocks {
-            let h = match ffn {
-                Ffn::Gelu { up_b, .. } => {
-                    let mut h = first.next().expect("one product per Gelu block");
-                    be.add_bias(&mut h, up_b);
-                    be.activate(&mut h, Activation::GeluTanh);
-                    h
-                }
-                Ffn::SwiGlu { .. } => {
-                    let mut g = first.next().expect("two products per SwiGlu block");
-                    let u = first.next().expect("two products per SwiGlu block");
-                    be.activate(&mut g, Activation::Silu);
-                    be.mul(&mut g, &u);
-                    g
-                }
-            };
-            hidden.push(h);
-        }
-        let down: Vec<_> = blocks
-            .iter()
-            .zip(&hidden)
-            .map(|((ffn, _), h)| match ffn {
-                Ffn::Gelu { down, .. } | Ffn::SwiGlu { down, .. } => (h, down),
-            })
-            .collect();
-        let mut ys = mode.matmul_many(be, &down)?; // [T_i, D] each
-        for ((ffn, _), y) in blocks.iter().zip(ys.iter_mut()) {
-            if let Ffn::Gelu { down_b, .. } = ffn {
-                be.add_bias(y, down_b);
-            }
-        }
-        Ok(ys)
     }
 }

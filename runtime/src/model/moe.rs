@@ -219,36 +219,26 @@ impl Moe {
         routing.computed_from = first_out;
         let needed = routing.needed();
         let mut out = be.zeros(t - first_out, d);
-        // The experts of one group (all needed ones, or one resident chunk of the cache) run together:
-        // each gathers its rows, the blocks go through `Ffn::forward_many`, and the outputs are added
-        // back weighted, expert by expert in the group's order (as each alone would have been).
-        let apply = |group: &[(usize, &Ffn)], out: &mut B::Act| -> Result<()> {
-            let mut picks = Vec::with_capacity(group.len()); // (out rows, weights) per expert
-            let mut inputs = Vec::with_capacity(group.len());
-            for (e, _) in group {
-                let (mut rows, mut out_rows, mut weights) = (Vec::new(), Vec::new(), Vec::new());
-                for tok in first_out..t {
-                    for k in 0..2 {
-                        if routing.experts[tok][k] == *e && routing.kept[tok][k] {
-                            rows.push(tok);
-                            out_rows.push(tok - first_out);
-                            weights.push(routing.weights[tok][k]);
-                        }
+        let apply = |e: usize, expert: &Ffn, out: &mut B::Act| -> Result<()> {
+            let (mut rows, mut out_rows, mut weights) = (Vec::new(), Vec::new(), Vec::new());
+            for tok in first_out..t {
+                for k in 0..2 {
+                    if routing.experts[tok][k] == e && routing.kept[tok][k] {
+                        rows.push(tok);
+                        out_rows.push(tok - first_out);
+                        weights.push(routing.weights[tok][k]);
                     }
                 }
-                inputs.push(be.gather_rows(h, &rows)); // [rows, D]
-                picks.push((out_rows, weights));
             }
-            let blocks: Vec<(&Ffn, &B::Act)> = group.iter().map(|(_, f)| *f).zip(&inputs).collect();
-            for (y, (out_rows, weights)) in Ffn::forward_many(be, &blocks, mode)?.iter().zip(&picks) {
-                be.scatter_add_rows(out, y, out_rows, weights);
-            }
+            let y = expert.forward(be, &be.gather_rows(h, &rows), mode)?; // [rows, D]
+            be.scatter_add_rows(out, &y, &out_rows, &weights);
             Ok(())
         };
         match step.cache {
             None => {
-                let group: Vec<(usize, &Ffn)> = needed.iter().map(|&e| (e, &self.experts[e])).collect();
-                apply(&group, &mut out)?;
+                for &e in &needed {
+                    apply(e, &self.experts[e], &mut out)?;
+                }
             }
             Some(cache) => {
                 let prefetch = |cache: &ExpertCache| match &guess {
@@ -264,10 +254,9 @@ impl Moe {
                     if k == 0 {
                         prefetch(cache)?;
                     }
-                    let blocks: Vec<(usize, Ffn)> =
-                        resident.experts.iter().map(|(e, mats)| (*e, self.experts[*e].with_matrices(mats.clone()))).collect();
-                    let group: Vec<(usize, &Ffn)> = blocks.iter().map(|(e, f)| (*e, f)).collect();
-                    apply(&group, &mut out)?;
+                    for (e, mats) in &resident.experts {
+                        apply(*e, &self.experts[*e].with_matrices(mats.clone()), &mut out)?;
+                    }
                 }
             }
         }
