@@ -143,5 +143,41 @@ fn memory_bandwidth(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, matvec, prefill_matmul, attention, memory_bandwidth);
+/// Decode as a model runs it: one token through a different 10240 × 2560 matrix each call, cycling over
+/// copies that together hold ~1 GiB (far beyond the caches, as a model's layers are), weight bytes per
+/// second. Compare with `matvec` (the same matrix again and again, cache-resident on a large-L3 CPU)
+/// and with `memory/read_512MiB`: this is the streaming rate decode can actually reach.
+fn matvec_streaming(c: &mut Criterion) {
+    let mut g = c.benchmark_group("matvec_streaming");
+    g.sample_size(20);
+    let x = signal(HIDDEN, 0.11);
+    let mut y = vec![0f32; FFN];
+    for q in [QuantType::Q4_0, QuantType::Q4_K, QuantType::Q8_0] {
+        let w = weights(q, FFN, HIDDEN);
+        let copies = ((1usize << 30) / w.len()).max(2);
+        let packed: Vec<_> =
+            (0..copies).filter_map(|_| packed::pack(QMatRef::new(&w, q, FFN, HIDDEN).unwrap()).unwrap()).collect();
+        let plain: Vec<Vec<u8>> = (0..copies).map(|_| w.clone()).collect();
+        g.throughput(Throughput::Bytes(w.len() as u64));
+        let mut i = 0;
+        g.bench_function(BenchmarkId::new(q.name(), "10240x2560"), |b| {
+            b.iter(|| {
+                i = (i + 1) % copies;
+                matmul(QMatRef::new(&plain[i], q, FFN, HIDDEN).unwrap(), black_box(&x), &mut y).unwrap()
+            })
+        });
+        drop(plain);
+        if let Some(layout) = packed.first().map(|p| p.layout) {
+            g.bench_function(BenchmarkId::new(format!("{}_{layout}", q.name()), "10240x2560"), |b| {
+                b.iter(|| {
+                    i = (i + 1) % packed.len();
+                    gemm::gemm_packed(&packed[i], black_box(&x), &mut y).unwrap()
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, matvec, matvec_streaming, prefill_matmul, attention, memory_bandwidth);
 criterion_main!(benches);
