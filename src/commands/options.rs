@@ -43,8 +43,9 @@ pub struct ModelArgs {
     /// FFN, each routed expert, output head, vision tower) is repacked once, at its first use, into
     /// the layout of ggml's fastest kernels for this CPU (AMX tiles on Xeons that have them, else an
     /// interleaved layout for q4_0/q4_K where AVX2 allows; llama.cpp does the same at load), and the
-    /// file's pages of it are released. Experts held by --expert-ram's cache keep the file's layout
-    /// (the budget counts file bytes).
+    /// file's pages of it are released. q5_0 matrices are widened to q8_0 (the same values, 8.5
+    /// instead of 5.5 bits each) to take q8_0's packed kernels. Experts held by --expert-ram's cache
+    /// keep the file's layout (the budget counts file bytes).
     #[arg(long)]
     pub no_repack: bool,
     #[command(flatten)]
