@@ -37,37 +37,28 @@ const TYPES: [QuantType; 5] = [QuantType::Q4_0, QuantType::Q4_K, QuantType::Q5_K
 
 /// Decode: one token through an expert's up projection (10240 × 2560), weight bytes per second.
 fn matvec(c: &mut Criterion) {
-    let mut g = c.benchmark_group("matvec");
-    g.sample_size(20);
-    let x = signal(HIDDEN, 0.11);
-    for q in TYPES {
-        let w = weights(q, FFN, HIDDEN);
-        let m = QMatRef::new(&w, q, FFN, HIDDEN).unwrap();
-        let mut y = vec![0f32; FFN];
-        g.throughput(Throughput::Bytes(w.len() as u64));
-        g.bench_function(BenchmarkId::new(q.name(), "10240x2560"), |b| b.iter(|| matmul(m, black_box(&x), &mut y).unwrap()));
-        if let Some(p) = packed::pack(m).unwrap() {
-            g.bench_function(BenchmarkId::new(format!("{}_{}", q.name(), p.layout), "10240x2560"), |b| {
-                b.iter(|| gemm::gemm_packed(&p, black_box(&x), &mut y).unwrap())
-            });
-        }
-    }
-    g.finish();
-
+    matvec_group(c, "matvec", 20, FFN, &TYPES);
     // The same kernels on a weight that stays in L2 (1024 × 2560: at most 1.4 MB per core at q8_0 with
     // two threads): the bytes/s the kernel can consume when memory is not the limit, i.e. its compute
     // ceiling. Decode is memory-bound only where this is well above the bandwidth probe's figure.
-    let mut g = c.benchmark_group("matvec_l2");
-    g.sample_size(50);
-    let rows = 1024;
-    for q in [QuantType::Q4_0, QuantType::Q4_K, QuantType::Q8_0] {
+    matvec_group(c, "matvec_l2", 50, 1024, &[QuantType::Q4_0, QuantType::Q4_K, QuantType::Q8_0]);
+}
+
+/// One token through the same `rows × 2560` matrix every call, plain and (where a layout takes the
+/// type) packed, weight bytes per second.
+fn matvec_group(c: &mut Criterion, name: &str, samples: usize, rows: usize, types: &[QuantType]) {
+    let mut g = c.benchmark_group(name);
+    g.sample_size(samples);
+    let x = signal(HIDDEN, 0.11);
+    let shape = format!("{rows}x{HIDDEN}");
+    for &q in types {
         let w = weights(q, rows, HIDDEN);
         let m = QMatRef::new(&w, q, rows, HIDDEN).unwrap();
         let mut y = vec![0f32; rows];
         g.throughput(Throughput::Bytes(w.len() as u64));
-        g.bench_function(BenchmarkId::new(q.name(), "1024x2560"), |b| b.iter(|| matmul(m, black_box(&x), &mut y).unwrap()));
+        g.bench_function(BenchmarkId::new(q.name(), &shape), |b| b.iter(|| matmul(m, black_box(&x), &mut y).unwrap()));
         if let Some(p) = packed::pack(m).unwrap() {
-            g.bench_function(BenchmarkId::new(format!("{}_{}", q.name(), p.layout), "1024x2560"), |b| {
+            g.bench_function(BenchmarkId::new(format!("{}_{}", q.name(), p.layout), &shape), |b| {
                 b.iter(|| gemm::gemm_packed(&p, black_box(&x), &mut y).unwrap())
             });
         }

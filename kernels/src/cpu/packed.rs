@@ -126,10 +126,9 @@ pub fn pack(w: QMatRef) -> Result<Option<PackedMat>, QuantError> {
 /// q5_0 blocks (f16 scale `d`, 32 high bits `qh`, 16 bytes of low nibbles: element j's low nibble
 /// in byte j % 16, low half for j < 16) → q8_0 blocks (the same `d`, 32 int8 quants `q − 16`).
 fn widen_q5_0_to_q8_0(src: &[u8]) -> Vec<u8> {
-    const Q5: usize = 22; // 2 + 4 + 16
-    const Q8: usize = 34; // 2 + 32
-    let mut out = vec![0u8; src.len() / Q5 * Q8];
-    for (b5, b8) in src.chunks_exact(Q5).zip(out.chunks_exact_mut(Q8)) {
+    let (q5, q8) = (QuantType::Q5_0.type_size(), QuantType::Q8_0.type_size()); // 2 + 4 + 16, 2 + 32
+    let mut out = vec![0u8; src.len() / q5 * q8];
+    for (b5, b8) in src.chunks_exact(q5).zip(out.chunks_exact_mut(q8)) {
         b8[..2].copy_from_slice(&b5[..2]);
         let qh = u32::from_le_bytes([b5[2], b5[3], b5[4], b5[5]]);
         for j in 0..16 {
