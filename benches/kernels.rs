@@ -2,7 +2,8 @@
 //! second): weight bytes for the decode matvec (memory-bound: compare with the bandwidth probe), multiply-
 //! accumulates ("elements") for the prefill matmul and attention (compute-bound). Where the CPU has a
 //! repacked layout for a type (AMX, interleaved), its kernel is measured beside the plain one
-//! (`matvec/q4_k_AMX/…`, `prefill_matmul/packed_AMX/…`).
+//! (`matvec/q4_k_AMX/…`, `prefill_matmul/packed_AMX/…`); where our own one-token kernel replaces
+//! ggml's on that layout (q4_K), ggml's is measured beside it (`…_AMX_ggml`).
 //!
 //!   cargo bench --bench kernels                 # all
 //!   cargo bench --bench kernels -- matvec/q4_k  # one group/type
@@ -61,6 +62,11 @@ fn matvec_group(c: &mut Criterion, name: &str, samples: usize, rows: usize, type
             g.bench_function(BenchmarkId::new(format!("{}_{}", q.name(), p.layout), &shape), |b| {
                 b.iter(|| gemm::gemm_packed(&p, black_box(&x), &mut y).unwrap())
             });
+            if gemm::uses_own_matvec(&p) {
+                g.bench_function(BenchmarkId::new(format!("{}_{}_ggml", q.name(), p.layout), &shape), |b| {
+                    b.iter(|| gemm::gemm_packed_ggml(&p, black_box(&x), &mut y).unwrap())
+                });
+            }
         }
     }
     g.finish();
@@ -165,6 +171,14 @@ fn matvec_streaming(c: &mut Criterion) {
                     gemm::gemm_packed(&packed[i], black_box(&x), &mut y).unwrap()
                 })
             });
+            if gemm::uses_own_matvec(&packed[0]) {
+                g.bench_function(BenchmarkId::new(format!("{}_{layout}_ggml", q.name()), "10240x2560"), |b| {
+                    b.iter(|| {
+                        i = (i + 1) % packed.len();
+                        gemm::gemm_packed_ggml(&packed[i], black_box(&x), &mut y).unwrap()
+                    })
+                });
+            }
         }
     }
     g.finish();

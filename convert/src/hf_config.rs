@@ -210,7 +210,7 @@ impl LlmConfig {
                         format!("is {kv_channels}, expected hidden_size / num_attention_heads = {}", c.head_dim),
                     ));
                 }
-                if c.n_ff % 2 != 0 {
+                if !c.n_ff.is_multiple_of(2) {
                     return Err(
                         f.err("intermediate_size", format!("is {}, expected an even number (w1 and w2 are half each)", c.n_ff))
                     );
@@ -222,13 +222,13 @@ impl LlmConfig {
                 c.norm_eps = f.f64_or("layer_norm_epsilon", 1e-6)? as f32;
             }
         }
-        if c.n_head % c.n_head_kv != 0 {
+        if !c.n_head.is_multiple_of(c.n_head_kv) {
             return Err(f.err(
                 "num_key_value_heads",
                 format!("is {}, which does not divide num_attention_heads {}", c.n_head_kv, c.n_head),
             ));
         }
-        if c.rope_dims == 0 || c.rope_dims > c.head_dim || c.rope_dims % 2 != 0 {
+        if c.rope_dims == 0 || c.rope_dims > c.head_dim || !c.rope_dims.is_multiple_of(2) {
             return Err(f.err(
                 "rotary fraction",
                 format!(
@@ -428,7 +428,7 @@ impl TowerConfig {
                 TowerKind::Siglip => [0.5; 3],
             },
         };
-        if t.image_size % t.patch_size != 0 || t.hidden % t.n_head != 0 {
+        if !t.image_size.is_multiple_of(t.patch_size) || !t.hidden.is_multiple_of(t.n_head) {
             return Err(ConvertError::Tower(format!(
                 "{}: image_size {} / patch_size {} or hidden_size {} / heads {} do not divide",
                 path.display(),

@@ -142,7 +142,7 @@ impl fmt::Display for QuantPlan {
 /// multiple of `q`'s block size: K-quants step to the 32-block type of at least the same quality
 /// (llama.cpp's choice: q4_k→q5_0, q5_k→q5_1, q6_k→q8_0), anything else to f16.
 pub fn fit(q: QuantType, row_len: usize) -> QuantType {
-    if row_len % q.block_size() == 0 {
+    if row_len.is_multiple_of(q.block_size()) {
         return q;
     }
     let next = match q {

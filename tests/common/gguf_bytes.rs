@@ -95,7 +95,7 @@ impl Parts {
         for t in &self.infos {
             v.extend_from_slice(t);
         }
-        while v.len() % self.alignment != 0 {
+        while !v.len().is_multiple_of(self.alignment) {
             v.push(0);
         }
         v.extend_from_slice(&self.data);

@@ -19,7 +19,7 @@ use llama_cpp_sys_2 as sys;
 
 use super::matmul::QMatRef;
 use super::packed::PackedMat;
-use crate::quant::{self, QuantError};
+use crate::quant::{self, QuantError, QuantType};
 
 /// ggml's worker threads, the scratch buffer its plans ask for (activations converted to the weight
 /// type's dot partner live there) and the memory of the per-call context (3 tensor headers + a graph),
@@ -101,7 +101,29 @@ pub fn gemm(w: QMatRef, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
 /// `out[T, N] = x[T, K] · W[N, K]ᵀ` with W repacked ([`super::packed`]): the buffer type's own kernel.
 /// A weight packed with padding rows ([`PackedMat::padded_rows`]) is multiplied in full; only its
 /// real columns reach `out`.
+///
+/// One token of a q4_K weight in the AMX layout runs our own kernel on the same bytes
+/// ([`super::q4k_matvec`]: ggml's streams about half as fast from DRAM); everything else is ggml's.
 pub fn gemm_packed(w: &PackedMat, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
+    if x.len() == w.n_cols && out.len() == w.n_rows && uses_own_matvec(w) {
+        let tiles = w.padded_rows / super::q4k_matvec::TILE_ROWS * (w.n_cols / 256);
+        let bytes = w.bytes().get(..tiles * super::q4k_matvec::TILE_BYTES).ok_or(QuantError::Length {
+            what: "packed q4_K bytes",
+            expected: tiles * super::q4k_matvec::TILE_BYTES,
+            got: w.n_bytes,
+        })?;
+        return super::q4k_matvec::matvec(bytes, w.padded_rows, x, out);
+    }
+    gemm_packed_ggml(w, x, out)
+}
+
+/// Whether one token through `w` runs our kernel rather than ggml's.
+pub fn uses_own_matvec(w: &PackedMat) -> bool {
+    w.layout == "AMX" && w.qtype == QuantType::Q4_K && super::q4k_matvec::available()
+}
+
+/// [`gemm_packed`] always through ggml's kernel for the layout (benches and tests compare the two).
+pub fn gemm_packed_ggml(w: &PackedMat, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
     mul_mat(Src0::Packed(w), w.padded_rows, w.n_rows, w.n_cols, x, out)
 }
 

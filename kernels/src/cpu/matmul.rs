@@ -85,7 +85,7 @@ pub fn matmul(w: QMatRef, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> 
 /// weight rows with rayon (each row is read once and used for every token).
 pub fn matmul_vec_dot(w: QMatRef, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
     let (n, k) = (w.n_rows, w.n_cols);
-    if x.len() % k != 0 {
+    if !x.len().is_multiple_of(k) {
         return Err(QuantError::Length {
             what: "activation values (a whole number of rows)",
             expected: x.len() / k * k,

@@ -42,6 +42,8 @@ pub struct PackedMat {
     pub n_bytes: usize,
     /// ggml's name of the buffer type (e.g. "AMX", "CPU_REPACK").
     pub layout: &'static str,
+    /// Block format of the packed values (q8_0 for a widened q5_0).
+    pub qtype: QuantType,
 }
 
 // SAFETY: after `pack` returns, nothing writes the context, tensor header or buffer until `Drop`;
@@ -66,6 +68,13 @@ impl PackedMat {
     /// The packed tensor, as src0 of a `mul_mat` (read only).
     pub(crate) fn tensor(&self) -> *mut sys::ggml_tensor {
         self.tensor
+    }
+
+    /// The packed bytes (the buffer type's own layout), for kernels of ours that read it.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        // SAFETY: the tensor's data is the base of `buffer`, `n_bytes` long (its alloc size), written
+        // once by `pack` and only read afterwards; it lives as long as `self`.
+        unsafe { std::slice::from_raw_parts((*self.tensor).data as *const u8, self.n_bytes) }
     }
 }
 
@@ -222,7 +231,17 @@ fn pack_into(buft: sys::ggml_backend_buffer_type_t, w: QMatRef, n_rows: usize) -
         }
         sys::ggml_backend_tensor_set(w_t, w.data.as_ptr() as *const c_void, 0, w.data.len());
         let name = CStr::from_ptr(sys::ggml_backend_buft_name(buft)).to_str().unwrap_or("extra");
-        Ok(Some(PackedMat { ctx, buffer, tensor: w_t, n_rows, n_cols: k, padded_rows: n, n_bytes: size, layout: name }))
+        Ok(Some(PackedMat {
+            ctx,
+            buffer,
+            tensor: w_t,
+            n_rows,
+            n_cols: k,
+            padded_rows: n,
+            n_bytes: size,
+            layout: name,
+            qtype: w.qtype,
+        }))
     }
 }
 

@@ -268,7 +268,7 @@ impl Gpu {
 
     pub fn upload_weight(&self, bytes: &[u8], qtype: QuantType, rows: usize, cols: usize) -> Result<DevWeight> {
         let expected = qtype.ggml().row_bytes(cols as u64).map(|r| r as usize * rows);
-        check(cols % 32 == 0 && expected == Some(bytes.len()), || {
+        check(cols.is_multiple_of(32) && expected == Some(bytes.len()), || {
             format!("weight [{rows}, {cols}] {qtype:?}: {} bytes, expected {expected:?}", bytes.len())
         })?;
         Ok(DevWeight { bytes: self.upload(bytes)?, qtype, rows, cols })
@@ -351,7 +351,7 @@ impl Gpu {
         slot_expert: &[i32],
     ) -> Result<CudaSlice<f32>> {
         let (n, k, s) = (w.rows / experts.max(1), w.cols, slot_token.len());
-        check(w.rows % experts.max(1) == 0 && slot_expert.len() == s, || {
+        check(w.rows.is_multiple_of(experts.max(1)) && slot_expert.len() == s, || {
             format!("expert matvec: {} rows over {experts} experts, {s} slots", w.rows)
         })?;
         check(slot_token.iter().all(|t| (*t as usize) < t_rows) && slot_expert.iter().all(|e| (*e as usize) < experts), || {
@@ -405,7 +405,7 @@ impl Gpu {
 
     pub fn add_bias(&self, x: &mut CudaSlice<f32>, bias: &CudaSlice<f32>) -> Result<()> {
         let (n, cols) = (x.len() as i64, bias.len() as i32);
-        check(cols > 0 && x.len() % bias.len() == 0, || format!("bias of {cols} over {n} values"))?;
+        check(cols > 0 && x.len().is_multiple_of(bias.len()), || format!("bias of {cols} over {n} values"))?;
         // SAFETY: x has n values, bias `cols` and the kernel indexes bias by i % cols.
         launched(unsafe {
             self.stream.launch_builder(self.f("add_bias")).arg(x).arg(bias).arg(&n).arg(&cols).launch(grid_1d(n as usize))
@@ -433,7 +433,7 @@ impl Gpu {
         b: Option<&CudaSlice<f32>>,
         eps: f32,
     ) -> Result<()> {
-        check(w.len() == cols && b.is_none_or(|b| b.len() == cols) && x.len() % cols == 0, || {
+        check(w.len() == cols && b.is_none_or(|b| b.len() == cols) && x.len().is_multiple_of(cols), || {
             format!("layer norm of width {cols}")
         })?;
         let rows = (x.len() / cols) as u32;
@@ -453,7 +453,7 @@ impl Gpu {
     }
 
     pub fn rms_norm(&self, x: &mut CudaSlice<f32>, cols: usize, w: &CudaSlice<f32>, eps: f32) -> Result<()> {
-        check(w.len() == cols && x.len() % cols == 0, || format!("rms norm of width {cols}"))?;
+        check(w.len() == cols && x.len().is_multiple_of(cols), || format!("rms norm of width {cols}"))?;
         let rows = (x.len() / cols) as u32;
         let cfg = LaunchConfig { grid_dim: (rows.max(1), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let c = cols as i32;
@@ -471,7 +471,7 @@ impl Gpu {
         base: f32,
     ) -> Result<()> {
         let rows = pos.len();
-        check(x.len() == rows * n_head * head_dim && rot_dims <= head_dim && rot_dims % 2 == 0, || {
+        check(x.len() == rows * n_head * head_dim && rot_dims <= head_dim && rot_dims.is_multiple_of(2), || {
             format!("rope: {} values for {rows} rows of {n_head}×{head_dim}, {rot_dims} rotated", x.len())
         })?;
         let (r, h, d, rd) = (rows as i32, n_head as i32, head_dim as i32, rot_dims as i32);
@@ -492,7 +492,9 @@ impl Gpu {
 
     /// Columns `[col0, col0 + width)` of `x` (`cols` wide).
     pub fn copy_cols(&self, x: &CudaSlice<f32>, cols: usize, col0: usize, width: usize) -> Result<CudaSlice<f32>> {
-        check(col0 + width <= cols && x.len() % cols.max(1) == 0, || format!("columns {col0}..{} of {cols}", col0 + width))?;
+        check(col0 + width <= cols && x.len().is_multiple_of(cols.max(1)), || {
+            format!("columns {col0}..{} of {cols}", col0 + width)
+        })?;
         let rows = x.len() / cols.max(1);
         let mut y = self.zeros::<f32>(rows * width)?;
         let (r, sc, dc, c0) = (rows as i32, cols as i32, width as i32, col0 as i32);
@@ -582,7 +584,7 @@ impl Gpu {
     /// Appends the first `n` values of `src` (rows `[n / cols, cols]` f32), growing the buffer
     /// (doubling) when full.
     pub fn kv_append(&self, kv: &mut DevKv, src: &CudaSlice<f32>, n: usize) -> Result<()> {
-        check(n <= src.len() && n % kv.cols.max(1) == 0, || format!("KV append of {n} values to width {}", kv.cols))?;
+        check(n <= src.len() && n.is_multiple_of(kv.cols.max(1)), || format!("KV append of {n} values to width {}", kv.cols))?;
         if n == 0 {
             return Ok(());
         }

@@ -53,7 +53,7 @@ fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), Quan
 }
 
 fn check_row(t: GgmlType, n_per_row: usize) -> Result<(), QuantError> {
-    if n_per_row == 0 || n_per_row % t.block_size() != 0 {
+    if n_per_row == 0 || !n_per_row.is_multiple_of(t.block_size()) {
         return Err(QuantError::RowLength { qtype: t, n_per_row, block_size: t.block_size() });
     }
     Ok(())
@@ -63,7 +63,7 @@ fn check_row(t: GgmlType, n_per_row: usize) -> Result<(), QuantError> {
 /// `dst.len()` must be exactly the quantized size of those rows.
 pub fn quantize_rows(qtype: QuantType, src: &[f32], n_per_row: usize, dst: &mut [u8]) -> Result<(), QuantError> {
     check_row(qtype.ggml(), n_per_row)?;
-    if src.len() % n_per_row != 0 {
+    if !src.len().is_multiple_of(n_per_row) {
         return Err(QuantError::Length {
             what: "source values (a whole number of rows)",
             expected: src.len() / n_per_row * n_per_row,
@@ -100,7 +100,7 @@ pub fn quantize_rows_par(qtype: QuantType, src: &[f32], n_per_row: usize, dst: &
     let n_rows = src.len() / n_per_row;
     let row_bytes = qtype.bytes_for(1, n_per_row).ok_or(QuantError::Overflow)?;
     check_len("quantized bytes", n_rows * row_bytes, dst.len())?;
-    if src.len() % n_per_row != 0 {
+    if !src.len().is_multiple_of(n_per_row) {
         return Err(QuantError::Length {
             what: "source values (a whole number of rows)",
             expected: n_rows * n_per_row,
@@ -125,7 +125,7 @@ pub fn quantize_rows_vec(qtype: QuantType, src: &[f32], n_per_row: usize) -> Res
 /// Dequantizes whole blocks of `qtype` in `src` into `dst` (`dst.len()` elements).
 pub fn dequantize_rows(qtype: QuantType, src: &[u8], dst: &mut [f32]) -> Result<(), QuantError> {
     let t = qtype.ggml();
-    if dst.len() % t.block_size() != 0 {
+    if !dst.len().is_multiple_of(t.block_size()) {
         return Err(QuantError::RowLength { qtype: t, n_per_row: dst.len(), block_size: t.block_size() });
     }
     check_len("quantized bytes", dst.len() / t.block_size() * t.type_size(), src.len())?;

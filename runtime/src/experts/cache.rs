@@ -439,7 +439,8 @@ mod tests {
                     for _ in 0..100 {
                         let layer = LAYERS[(rng.next_u64() % 3) as usize];
                         let a = (rng.next_u64() % E as u64) as usize;
-                        let ids = if rng.next_u64() % 2 == 0 { vec![a] } else { vec![a.min((a + 1) % E), a.max((a + 1) % E)] };
+                        let ids =
+                            if rng.next_u64().is_multiple_of(2) { vec![a] } else { vec![a.min((a + 1) % E), a.max((a + 1) % E)] };
                         let r = c.ensure(layer, &ids).unwrap();
                         c.prefetch(LAYERS[(layer + 1) % 3], &[(a + 2) % E]).unwrap();
                         std::thread::yield_now();

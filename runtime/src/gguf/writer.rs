@@ -53,7 +53,7 @@ impl TensorSpec {
         }
         let n = self.dims.iter().try_fold(1u64, |a, d| a.checked_mul(*d)).ok_or_else(|| err("size overflows".into()))?;
         let bs = self.ggml_type.block_size() as u64;
-        if self.dims[0] % bs != 0 {
+        if !self.dims[0].is_multiple_of(bs) {
             return Err(err(format!("row length {} is not a multiple of the {} block size {bs}", self.dims[0], self.ggml_type)));
         }
         (n / bs).checked_mul(self.ggml_type.type_size() as u64).ok_or_else(|| err("size overflows".into()))

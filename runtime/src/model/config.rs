@@ -250,7 +250,7 @@ fn vision_config(m: &GgufMeta) -> Result<VisionConfig> {
         std: three(clip::IMAGE_STD)?,
         pad_color: [pad[0] as u8, pad[1] as u8, pad[2] as u8],
     };
-    if v.patch_size == 0 || v.image_size % v.patch_size != 0 || v.n_head == 0 || v.hidden % v.n_head != 0 {
+    if v.patch_size == 0 || !v.image_size.is_multiple_of(v.patch_size) || v.n_head == 0 || !v.hidden.is_multiple_of(v.n_head) {
         return Err(RuntimeError::Unsupported(format!(
             "vision geometry: image {} / patch {}, width {} / heads {}",
             v.image_size, v.patch_size, v.hidden, v.n_head

@@ -235,7 +235,7 @@ impl<B: Backend> Model<B> {
     pub fn forward(&self, x: B::Act, cache: &mut KvCache<B>, gating: &mut Gating, trace: &mut Trace) -> Result<Vec<f32>> {
         let pos = cache.len;
         let (n0, g0) = (trace.moe.len(), trace.guesses.len());
-        let logits = self.llm.forward(&self.backend, x, cache, gating, trace)?;
+        let logits = on_worker(|| self.llm.forward(&self.backend, x, cache, gating, trace))?;
         if let Some(w) = &self.route_trace {
             let layers: Vec<_> = trace.moe[n0..]
                 .iter()
@@ -332,7 +332,7 @@ impl<B: Backend> Model<B> {
     /// are bit-identical to feeding its token alone ([`Llm::forward_rows`]).
     pub fn decode_rows(&self, tokens: &[u32], caches: &mut [&mut KvCache<B>]) -> Result<Vec<Vec<f32>>> {
         let x = self.llm.embed(&self.backend, tokens)?; // [B, D]
-        self.llm.forward_rows(&self.backend, x, caches)
+        on_worker(|| self.llm.forward_rows(&self.backend, x, caches))
     }
 
     /// Answers one prompt (already templated), streaming the text through `on_text`.
@@ -408,5 +408,18 @@ impl<B: Backend> Model<B> {
         let prompt = if raw_prompt { text.to_string() } else { self.question_prompt(text, image.is_some()) };
         let input = self.prepare(&prompt, image)?;
         self.generate(input, o, on_text)
+    }
+}
+
+/// Runs `f` on one of rayon's worker threads (at once, if this is one). A forward pass issues
+/// hundreds of small parallel ops per token; from a worker each one starts with the caller taking
+/// its share and the other workers stealing theirs (well under a microsecond), while from any other
+/// thread each is queued for the pool and the caller sleeps until it is done (~12 µs a call on the
+/// 2-core machine of BENCHMARKS.md: about a tenth of a decode step).
+fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::join(f, || ()).0
     }
 }

@@ -163,7 +163,7 @@ impl WeightStore {
             .ok_or_else(|| RuntimeError::BadType { name: name.to_string(), got: t.ggml_type.name().to_string() })?;
         let total: usize = shape.iter().product();
         let cols = matrix_cols.unwrap_or(*shape.last().unwrap_or(&1));
-        if cols % qtype.block_size() != 0 {
+        if !cols.is_multiple_of(qtype.block_size()) {
             return Err(RuntimeError::BadType { name: format!("{name} (as rows of {cols})"), got: qtype.name().to_string() });
         }
         let offset = (self.file.meta.data_offset + t.offset) as usize;

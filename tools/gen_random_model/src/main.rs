@@ -123,9 +123,9 @@ fn tower_config(kind: TowerKind) -> TowerConfig {
 /// have their `ffn_down` in q5_0 under q4_k; a 256-multiple peer would keep q4_k there and compare
 /// different kernels).
 fn peer_ffn_width(n_ff: usize, per_layer: f64) -> usize {
-    let unit = if n_ff % 256 == 0 { 256 } else { 32 };
+    let unit = if n_ff.is_multiple_of(256) { 256 } else { 32 };
     let w = ((n_ff as f64 * per_layer / unit as f64).round() as usize).max(1) * unit;
-    if unit == 32 && w % 256 == 0 {
+    if unit == 32 && w.is_multiple_of(256) {
         w + 32
     } else {
         w

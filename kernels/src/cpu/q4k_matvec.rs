@@ -1,0 +1,252 @@
+//! One token through a q4_K weight held in ggml's AMX layout ([`super::packed`]): our own AVX512-VNNI
+//! matvec, used in place of ggml's for decode. Same layout, so prefill keeps ggml's AMX tiles and no
+//! second copy of the weight exists.
+//!
+//! Why our own: decode is memory-bound only when the kernel consumes bytes well faster than DRAM
+//! delivers them. ggml's one-token q4_K kernel consumes ~16 GiB/s per core even from L2 (BENCHMARKS.md,
+//! `matvec_l2`): its inner loop makes each dot-product chain wait on the last (one accumulator per
+//! 32 values) and builds every activation broadcast with a lane permute. Here each 32-value group
+//! has two independent chains, broadcasts come straight from memory (a load, not a shuffle), and the
+//! next tiles are prefetched.
+//!
+//! The layout (ggml-cpu amx/mmq.cpp, `pack_B` for block_q4_K; pinned with llama-cpp-sys-2, and the
+//! tests below compare with ggml's own kernel on it): 16 weight rows × 256 columns make a tile of
+//! [`TILE_BYTES`]; tiles are stored row-tile-major (`tile(n, kb)` at `(n·KB + kb)·TILE_BYTES`).
+//! Inside a tile:
+//!
+//! | bytes        | what                                                                      |
+//! |--------------|---------------------------------------------------------------------------|
+//! | 0..2048      | quants: 32 lines of 64 B; line `4g + q` holds, for rows r = 0..16, 4 bytes |
+//! |              | whose low nibbles are values `32g + 8q + 0..4` and high nibbles `+4..8`   |
+//! | 2048..2176   | sub-block scales, u8 `[g][r]` (g = 32-value group, 0..8)                  |
+//! | 2176..2304   | sub-block mins, u8 `[g/2][r][g%2]` (pairs, for a 16-bit pair dot)          |
+//! | 2304..2336   | d, f16 `[r]`                                                              |
+//! | 2336..2368   | dmin, f16 `[r]`                                                           |
+//!
+//! Per row r and block: `y_r += d_r·d_x·Σ_g scale_gr·Σ_{j∈g} q_j·x_j − dmin_r·d_x·Σ_g min_gr·Σ_{j∈g} x_j`
+//! with x in q8_K (d_x, int8 x_j) — the float steps in ggml's order, so results match its kernel.
+//!
+//! Dims: K = n_cols (multiple of 256), N = rows of the packed tensor (multiple of 16), KB = K / 256.
+
+use rayon::prelude::*;
+
+use crate::quant::{self, GgmlType, QuantError};
+
+/// Weight rows per tile.
+pub const TILE_ROWS: usize = 16;
+/// Values per q4_K / q8_K block (one tile's columns).
+const QK: usize = 256;
+const QS_BYTES: usize = QK / 2 * TILE_ROWS;
+const OFF_SCALES: usize = QS_BYTES;
+const OFF_MINS: usize = OFF_SCALES + 8 * TILE_ROWS;
+const OFF_D: usize = OFF_MINS + 8 * TILE_ROWS;
+const OFF_DMIN: usize = OFF_D + 2 * TILE_ROWS;
+/// Bytes of one 16-row × 256-column tile.
+pub const TILE_BYTES: usize = OFF_DMIN + 2 * TILE_ROWS;
+/// q8_K block: d (f32), 256 int8 quants, 16 sums of 16 quants (i16).
+const Q8K_BYTES: usize = 4 + QK + 32;
+/// How far ahead of the tile being read the kernel asks for cache lines. Decode reads each weight
+/// once per token, from DRAM; the hardware prefetcher alone leaves the core waiting at tile starts.
+const PREFETCH_AHEAD: usize = 2 * TILE_BYTES;
+
+/// Whether this CPU runs the kernel (AVX512 F/BW and VNNI).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// `out[r] = Σ_k W[r, k] · x[k]` for the first `out.len()` of the `n_rows` rows of a q4_K weight in
+/// ggml's AMX layout (`packed`, exactly `n_rows / 16 · K / 256` tiles).
+pub fn matvec(packed: &[u8], n_rows: usize, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
+    let k = x.len();
+    if !available() {
+        return Err(QuantError::Unsupported { op: "q4_K AVX512-VNNI matvec (this CPU)", qtype: GgmlType::Q4_K });
+    }
+    if k == 0 || !k.is_multiple_of(QK) {
+        return Err(QuantError::RowLength { qtype: GgmlType::Q4_K, n_per_row: k, block_size: QK });
+    }
+    if !n_rows.is_multiple_of(TILE_ROWS) {
+        return Err(QuantError::Length { what: "packed rows (a multiple of 16)", expected: n_rows / 16 * 16, got: n_rows });
+    }
+    let kb = k / QK;
+    let want = n_rows / TILE_ROWS * kb * TILE_BYTES;
+    if packed.len() != want {
+        return Err(QuantError::Length { what: "packed q4_K bytes", expected: want, got: packed.len() });
+    }
+    if out.len() > n_rows {
+        return Err(QuantError::Length { what: "output values (at most the packed rows)", expected: n_rows, got: out.len() });
+    }
+    // Activations in q8_K, and each block's 8 sums of 32 quants as i16 (what the mins multiply).
+    let mut act = vec![0u8; kb * Q8K_BYTES];
+    quant::quantize_activation(GgmlType::Q8_K, x, &mut act)?;
+    let bsum32: Vec<i16> = act
+        .chunks_exact(Q8K_BYTES)
+        .flat_map(|b| {
+            let s = |i: usize| i16::from_le_bytes([b[4 + QK + 2 * i], b[4 + QK + 2 * i + 1]]);
+            (0..8).map(move |g| s(2 * g) + s(2 * g + 1))
+        })
+        .collect();
+    // Contiguous runs of tiles, one per thread: each thread streams one region of the weight.
+    let n_tiles = out.len().div_ceil(TILE_ROWS);
+    let per_thread = n_tiles.div_ceil(rayon::current_num_threads().max(1)).max(1) * TILE_ROWS;
+    let tile_row_bytes = kb * TILE_BYTES;
+    out.par_chunks_mut(per_thread).enumerate().for_each(|(c, chunk)| {
+        let first_tile = c * per_thread / TILE_ROWS;
+        for (t, rows) in chunk.chunks_mut(TILE_ROWS).enumerate() {
+            let tile = &packed[(first_tile + t) * tile_row_bytes..(first_tile + t + 1) * tile_row_bytes];
+            let mut y = [0f32; TILE_ROWS];
+            tile_dot(tile, &act, &bsum32, &mut y);
+            rows.copy_from_slice(&y[..rows.len()]);
+        }
+    });
+    Ok(())
+}
+
+/// The 16 outputs of one row tile (all `KB` blocks of it, contiguous in `tile`).
+fn tile_dot(tile: &[u8], act: &[u8], bsum32: &[i16], y: &mut [f32; TILE_ROWS]) {
+    let kb = act.len() / Q8K_BYTES;
+    assert!(tile.len() == kb * TILE_BYTES && bsum32.len() == kb * 8, "tile / activation sizes");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `matvec` (the only caller) checked `available()`, i.e. the CPU has every feature the
+    // function is compiled for; the lengths its raw reads rely on were asserted just above.
+    unsafe {
+        x86::tile_dot(tile.as_ptr(), act.as_ptr(), bsum32.as_ptr(), kb, y)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::*;
+
+    /// # Safety
+    /// The CPU has AVX512F, AVX512BW and AVX512-VNNI; `tile` points at `kb` tiles of [`TILE_BYTES`],
+    /// `act` at `kb` q8_K blocks and `bsum` at `kb · 8` i16.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn tile_dot(tile: *const u8, act: *const u8, bsum: *const i16, kb: usize, y: &mut [f32; TILE_ROWS]) {
+        // SAFETY: (whole body) every pointer offset stays inside the ranges the caller guarantees:
+        // tile bytes < kb·TILE_BYTES (the quants, scales, mins, d, dmin offsets of each tile), act
+        // bytes < kb·Q8K_BYTES, bsum < kb·8. Prefetches may point past the end; they never fault.
+        // Unaligned loads are used throughout.
+        unsafe {
+            let low = _mm512_set1_epi8(0x0F);
+            let mut vc = _mm512_setzero_ps();
+            for i in 0..kb {
+                let b = tile.add(i * TILE_BYTES);
+                let a = act.add(i * Q8K_BYTES);
+                let ax = a.add(4);
+                for line in (0..TILE_BYTES).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(b.add(PREFETCH_AHEAD + line) as *const i8);
+                }
+                let d1 = _mm512_set1_ps((a as *const f32).read_unaligned());
+                let mut acc = _mm512_setzero_si512();
+                for g in 0..8 {
+                    // two chains per group: low nibbles (values +0..4 of each 8) and high (+4..8)
+                    let (mut s0, mut s1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                    for q in 0..4 {
+                        let bytes = _mm512_loadu_si512(b.add((4 * g + q) * 64) as *const _);
+                        let x0 = _mm512_set1_epi32((ax.add(32 * g + 8 * q) as *const i32).read_unaligned());
+                        let x1 = _mm512_set1_epi32((ax.add(32 * g + 8 * q + 4) as *const i32).read_unaligned());
+                        s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(bytes, low), x0);
+                        s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16::<4>(bytes), low), x1);
+                    }
+                    let scale = _mm512_cvtepu8_epi32(_mm_loadu_si128(b.add(OFF_SCALES + g * TILE_ROWS) as *const _));
+                    acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(_mm512_add_epi32(s0, s1), scale));
+                }
+                let d0 = _mm512_cvtph_ps(_mm256_loadu_si256(b.add(OFF_D) as *const _));
+                vc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(d0, d1), vc);
+                // mins: lane r gets Σ over group pairs of (min_2p, min_2p+1)·(bsum_2p, bsum_2p+1)
+                let mut acc_m = _mm512_setzero_si512();
+                for p in 0..4 {
+                    let mins = _mm512_cvtepu8_epi16(_mm256_loadu_si256(b.add(OFF_MINS + p * 32) as *const _));
+                    let sums = _mm512_set1_epi32((bsum.add(i * 8 + 2 * p) as *const i32).read_unaligned());
+                    acc_m = _mm512_dpwssd_epi32(acc_m, sums, mins);
+                }
+                let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(b.add(OFF_DMIN) as *const _));
+                vc = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(acc_m), _mm512_mul_ps(dmin, d1), vc);
+            }
+            _mm512_storeu_ps(y.as_mut_ptr(), vc);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::gemm::{gemm_packed, gemm_packed_ggml, uses_own_matvec};
+    use super::super::matmul::{matmul_vec_dot, QMatRef};
+    use super::super::packed::pack;
+    use super::*;
+    use crate::cpu::test_signal as signal;
+    use crate::QuantType;
+
+    /// Same integer sums as ggml's kernel and the same float steps per block; only the activation
+    /// quantiser may differ (ggml's AMX path uses the reference q8_K converter, we the CPU one), by
+    /// at most one rounding of a quant.
+    const SAME_KERNEL_REL_TOL: f32 = 1e-5;
+    /// Against `vec_dot` (another summation order, same quantised values).
+    const VEC_DOT_REL_TOL: f32 = 1e-4;
+
+    fn weights(n: usize, k: usize) -> Vec<u8> {
+        // rows of very different magnitude and offset: scales and mins over their whole 6-bit range
+        let mut f = signal(n * k, 0.37);
+        f.iter_mut().enumerate().for_each(|(i, v)| *v = *v * (1.0 + (i / 97 % 13) as f32) + ((i / 331) % 7) as f32 * 0.3);
+        quant::quantize_rows_vec(QuantType::Q4_K, &f, k).unwrap()
+    }
+
+    fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(scale > 0.0, "{what}: all-zero reference");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= tol * scale, "{what} [{i}]: {x} vs {y} (scale {scale})");
+        }
+    }
+
+    #[test]
+    fn matches_ggmls_kernel_and_vec_dot_on_the_same_packed_bytes() {
+        if !available() {
+            eprintln!("no AVX512-VNNI: kernel not run on this CPU");
+            return;
+        }
+        // 70 rows: padded to 128 (partial last tile dropped); 2560 columns: Phi-2's hidden size
+        for (n, k) in [(64, 512), (32, 2560), (70, 256), (160, 1024)] {
+            let wq = weights(n, k);
+            let w = QMatRef::new(&wq, QuantType::Q4_K, n, k).unwrap();
+            let Some(p) = pack(w).unwrap() else {
+                eprintln!("q4_K: no packed layout on this CPU");
+                return;
+            };
+            if !uses_own_matvec(&p) {
+                eprintln!("q4_K packed as {}: not the AMX layout, kernel not run", p.layout);
+                return;
+            }
+            let x = signal(k, 0.11).iter().map(|v| v * 3.0 - 0.5).collect::<Vec<f32>>();
+            let (mut ours, mut theirs, mut rows) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+            gemm_packed(&p, &x, &mut ours).unwrap();
+            gemm_packed_ggml(&p, &x, &mut theirs).unwrap();
+            matmul_vec_dot(w, &x, &mut rows).unwrap();
+            assert_close(&ours, &theirs, SAME_KERNEL_REL_TOL, &format!("{n}x{k} vs ggml's AMX kernel"));
+            assert_close(&ours, &rows, VEC_DOT_REL_TOL, &format!("{n}x{k} vs vec_dot"));
+        }
+    }
+
+    #[test]
+    fn wrong_shapes_are_refused() {
+        if !available() {
+            return;
+        }
+        let packed = vec![0u8; 2 * TILE_BYTES];
+        let x = vec![0.5f32; 512];
+        assert!(matvec(&packed, 16, &x, &mut [0f32; 16]).is_ok());
+        assert!(matvec(&packed, 16, &x[..300], &mut [0f32; 16]).is_err(), "K not a multiple of 256");
+        assert!(matvec(&packed, 20, &x, &mut [0f32; 16]).is_err(), "rows not a multiple of 16");
+        assert!(matvec(&packed[1..], 16, &x, &mut [0f32; 16]).is_err(), "short packed bytes");
+        assert!(matvec(&packed, 16, &x, &mut [0f32; 17]).is_err(), "more outputs than rows");
+    }
+}
