@@ -102,20 +102,46 @@ pub fn gemm(w: QMatRef, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
 /// A weight packed with padding rows ([`PackedMat::padded_rows`]) is multiplied in full; only its
 /// real columns reach `out`.
 ///
-/// One token of a q4_K weight in the AMX layout runs our own kernel on the same bytes
-/// ([`super::q4k_matvec`]: ggml's streams about half as fast from DRAM); everything else is ggml's.
+/// A q4_K weight in the AMX layout is multiplied in blocks of [`AMX_ROWS`] tokens, one ggml call each
+/// (10–17 % faster than one call on FFN-sized matrices, see below), and rows left over in ones and
+/// twos, as well as a single token, run our own kernel on the same bytes ([`super::q4k_matvec`]).
 pub fn gemm_packed(w: &PackedMat, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
-    if x.len() == w.n_cols && out.len() == w.n_rows && uses_own_matvec(w) {
-        let tiles = w.padded_rows / super::q4k_matvec::TILE_ROWS * (w.n_cols / 256);
-        let bytes = w.bytes().get(..tiles * super::q4k_matvec::TILE_BYTES).ok_or(QuantError::Length {
-            what: "packed q4_K bytes",
-            expected: tiles * super::q4k_matvec::TILE_BYTES,
-            got: w.n_bytes,
-        })?;
-        return super::q4k_matvec::matvec(bytes, w.padded_rows, x, out);
+    let (k, n) = (w.n_cols, w.n_rows);
+    if !uses_own_matvec(w) || k == 0 || x.len() % k != 0 || out.len() != x.len() / k * n {
+        return gemm_packed_ggml(w, x, out);
     }
-    gemm_packed_ggml(w, x, out)
+    let t = x.len() / k;
+    let full = t / AMX_ROWS * AMX_ROWS;
+    let tail = t - full;
+    for (xc, oc) in x[..full * k].chunks(AMX_ROWS * k).zip(out[..full * n].chunks_mut(AMX_ROWS * n)) {
+        gemm_packed_ggml(w, xc, oc)?;
+    }
+    if tail > OWN_KERNEL_MAX_ROWS {
+        return gemm_packed_ggml(w, &x[full * k..], &mut out[full * n..]);
+    }
+    let tiles = w.padded_rows / super::q4k_matvec::TILE_ROWS * (k / 256);
+    let bytes = w.bytes().get(..tiles * super::q4k_matvec::TILE_BYTES).ok_or(QuantError::Length {
+        what: "packed q4_K bytes",
+        expected: tiles * super::q4k_matvec::TILE_BYTES,
+        got: w.n_bytes,
+    })?;
+    for (xr, or) in x[full * k..].chunks(k).zip(out[full * n..].chunks_mut(n)) {
+        super::q4k_matvec::matvec(bytes, w.padded_rows, xr, or)?;
+    }
+    Ok(())
 }
+
+/// Tokens per ggml call on a q4_K AMX weight. ggml's q4_K AMX kernel unpacks each weight tile to
+/// int8 for every 32-token block it multiplies; one call per 32 tokens was 10–17 % faster than one
+/// call for all at 128 and 512 tokens on 10240×2560 and 2560×10240, the same on 2560×2560 (within
+/// ±2 %); q8_0 and q4_0 gained nothing, so they stay one call (throwaway timing, 2 threads, see
+/// BENCHMARKS.md "q4_K prefill in 32-token calls").
+pub const AMX_ROWS: usize = 32;
+
+/// Up to this many tokens (alone, or left over after the 32-token blocks) run our one-token kernel
+/// once per token rather than one ggml call: on 10240×2560, 1 token 0.34 vs 0.45 ms, 2 tokens 0.81
+/// vs 0.99 ms, 3 tokens 1.20 vs 1.02 ms (same throwaway timing).
+pub const OWN_KERNEL_MAX_ROWS: usize = 2;
 
 /// Whether one token through `w` runs our kernel rather than ggml's.
 pub fn uses_own_matvec(w: &PackedMat) -> bool {
