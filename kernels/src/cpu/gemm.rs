@@ -107,7 +107,7 @@ pub fn gemm(w: QMatRef, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
 /// twos, as well as a single token, run our own kernel on the same bytes ([`super::q4k_matvec`]).
 pub fn gemm_packed(w: &PackedMat, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
     let (k, n) = (w.n_cols, w.n_rows);
-    if !uses_own_matvec(w) || k == 0 || x.len() % k != 0 || out.len() != x.len() / k * n {
+    if !uses_own_matvec(w) || k == 0 || !x.len().is_multiple_of(k) || out.len() != x.len() / k * n {
         return gemm_packed_ggml(w, x, out);
     }
     let t = x.len() / k;
