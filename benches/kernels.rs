@@ -72,6 +72,28 @@ fn matvec_group(c: &mut Criterion, name: &str, samples: usize, rows: usize, type
     g.finish();
 }
 
+/// Prefill through an FFN-sized matrix (10240 × 2560, an expert's up projection) repacked, at 128 and
+/// 512 tokens: ggml's kernel in one call for all tokens (`one_call`) against `gemm_packed` (`ours`:
+/// for q4_K one ggml call per 32 tokens, `gemm::AMX_ROWS`; q8_0, which stays one call, as a control);
+/// multiply-accumulates per second.
+fn prefill_ffn(c: &mut Criterion) {
+    let mut g = c.benchmark_group("prefill_ffn");
+    g.sample_size(10);
+    for q in [QuantType::Q4_K, QuantType::Q8_0] {
+        let w = weights(q, FFN, HIDDEN);
+        let Some(p) = packed::pack(QMatRef::new(&w, q, FFN, HIDDEN).unwrap()).unwrap() else { continue };
+        for t in [128usize, 512] {
+            let x = signal(t * HIDDEN, 0.11);
+            let mut y = vec![0f32; t * FFN];
+            g.throughput(Throughput::Elements((t * FFN * HIDDEN) as u64));
+            let id = |who: &str| BenchmarkId::new(format!("{}_{}_{who}", q.name(), p.layout), t);
+            g.bench_function(id("one_call"), |b| b.iter(|| gemm::gemm_packed_ggml(&p, black_box(&x), &mut y).unwrap()));
+            g.bench_function(id("ours"), |b| b.iter(|| gemm::gemm_packed(&p, black_box(&x), &mut y).unwrap()));
+        }
+    }
+    g.finish();
+}
+
 /// Prefill: 128 tokens through a 2560 × 2560 projection, by ggml's mul_mat, by per-row vec_dot and by
 /// the repacked weight's kernel (AMX where the CPU has it);
 /// multiply-accumulates per second.
@@ -184,5 +206,5 @@ fn matvec_streaming(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, matvec, matvec_streaming, prefill_matmul, attention, memory_bandwidth);
+criterion_group!(benches, matvec, matvec_streaming, prefill_matmul, prefill_ffn, attention, memory_bandwidth);
 criterion_main!(benches);

@@ -102,21 +102,28 @@ pub fn gemm(w: QMatRef, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
 /// A weight packed with padding rows ([`PackedMat::padded_rows`]) is multiplied in full; only its
 /// real columns reach `out`.
 ///
-/// A q4_K weight in the AMX layout is multiplied in blocks of [`AMX_ROWS`] tokens, one ggml call each
-/// (10–17 % faster than one call on FFN-sized matrices, see below), and rows left over in ones and
-/// twos, as well as a single token, run our own kernel on the same bytes ([`super::q4k_matvec`]).
+/// A q4_K weight in the AMX layout: one or two tokens run our own kernel on the same bytes
+/// ([`super::q4k_matvec`]), one token at a time; an FFN-sized one ([`CHUNKED_MIN_ELEMS`]) is
+/// multiplied in blocks of [`AMX_ROWS`] tokens, one ggml call each, with one or two tokens left over
+/// again on our kernel.
 pub fn gemm_packed(w: &PackedMat, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
     let (k, n) = (w.n_cols, w.n_rows);
     if !uses_own_matvec(w) || k == 0 || !x.len().is_multiple_of(k) || out.len() != x.len() / k * n {
         return gemm_packed_ggml(w, x, out);
     }
+    own_q4k(w, x, out, CHUNKED_MIN_ELEMS)
+}
+
+/// [`gemm_packed`] on a q4_K AMX weight (checked by the caller), in [`AMX_ROWS`]-token calls from
+/// `chunked_min_elems` values on.
+fn own_q4k(w: &PackedMat, x: &[f32], out: &mut [f32], chunked_min_elems: usize) -> Result<(), QuantError> {
+    let (k, n) = (w.n_cols, w.n_rows);
     let t = x.len() / k;
-    let full = t / AMX_ROWS * AMX_ROWS;
-    let tail = t - full;
+    let full = if n * k >= chunked_min_elems { t / AMX_ROWS * AMX_ROWS } else { 0 };
     for (xc, oc) in x[..full * k].chunks(AMX_ROWS * k).zip(out[..full * n].chunks_mut(AMX_ROWS * n)) {
         gemm_packed_ggml(w, xc, oc)?;
     }
-    if tail > OWN_KERNEL_MAX_ROWS {
+    if t - full > OWN_KERNEL_MAX_ROWS {
         return gemm_packed_ggml(w, &x[full * k..], &mut out[full * n..]);
     }
     let tiles = w.padded_rows / super::q4k_matvec::TILE_ROWS * (k / 256);
@@ -131,16 +138,21 @@ pub fn gemm_packed(w: &PackedMat, x: &[f32], out: &mut [f32]) -> Result<(), Quan
     Ok(())
 }
 
-/// Tokens per ggml call on a q4_K AMX weight. ggml's q4_K AMX kernel unpacks each weight tile to
-/// int8 for every 32-token block it multiplies; one call per 32 tokens was 10–17 % faster than one
-/// call for all at 128 and 512 tokens on 10240×2560 and 2560×10240, the same on 2560×2560 (within
-/// ±2 %); q8_0 and q4_0 gained nothing, so they stay one call (throwaway timing, 2 threads, see
-/// BENCHMARKS.md "q4_K prefill in 32-token calls").
+/// Tokens per ggml call on a large q4_K AMX weight. ggml's q4_K AMX kernel unpacks each weight tile
+/// to int8 for every 32-token block it multiplies; one call per 32 tokens was 10–17 % faster than
+/// one call for all at 128 and 512 tokens on 10240×2560 and 2560×10240 (`cargo bench --bench kernels
+/// -- prefill_ffn`); q8_0 and q4_0 gained nothing, so they stay one call.
 pub const AMX_ROWS: usize = 32;
+
+/// Weights of at least this many values (rows × columns) are multiplied [`AMX_ROWS`] tokens per call.
+/// Smaller ones lose by it: 0.92–0.99× on the vision tower's 1024×1024 to 4096×1024 and on
+/// 2048×2048 at 128 and 577 tokens, 0.98–1.07× on StableLM's 5632×2048 FFN, 1.10–1.17× from
+/// 10240×2560 up (a throwaway timing loop, 2 threads, not kept; BENCHMARKS.md).
+pub const CHUNKED_MIN_ELEMS: usize = 16 << 20;
 
 /// Up to this many tokens (alone, or left over after the 32-token blocks) run our one-token kernel
 /// once per token rather than one ggml call: on 10240×2560, 1 token 0.34 vs 0.45 ms, 2 tokens 0.81
-/// vs 0.99 ms, 3 tokens 1.20 vs 1.02 ms (same throwaway timing).
+/// vs 0.99 ms, 3 tokens 1.20 vs 1.02 ms (the same throwaway loop).
 pub const OWN_KERNEL_MAX_ROWS: usize = 2;
 
 /// Whether one token through `w` runs our kernel rather than ggml's.
@@ -301,6 +313,28 @@ mod tests {
                     gemm_packed(p, &x, &mut want[wat..wat + t * n]).unwrap();
                     assert_eq!(repacked, want[wat..wat + t * n], "{q} packed, output {shift} floats off the line");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn q4k_in_32_token_calls_with_leftovers_matches_vec_dot() {
+        let (n, k) = (64, 512);
+        let wq = quant::quantize_rows_vec(QuantType::Q4_K, &signal(n * k, 0.37), k).unwrap();
+        let w = QMatRef::new(&wq, QuantType::Q4_K, n, k).unwrap();
+        let Some(p) = super::super::packed::pack(w).unwrap().filter(uses_own_matvec) else {
+            eprintln!("q4_K not in the AMX layout here: path not run");
+            return;
+        };
+        // 64 = two full calls; 65/66 = leftovers on our kernel; 70 = leftovers in one ggml call
+        for t in [64usize, 65, 66, 70] {
+            let x = signal(t * k, 0.11);
+            let (mut a, mut b) = (vec![0f32; t * n], vec![0f32; t * n]);
+            own_q4k(&p, &x, &mut a, 0).unwrap();
+            matmul_vec_dot(w, &x, &mut b).unwrap();
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (i, (p_, q_)) in a.iter().zip(&b).enumerate() {
+                assert!((p_ - q_).abs() <= SAME_MATH_REL_TOL * scale, "t={t} [{i}]: {p_} vs {q_}");
             }
         }
     }

@@ -272,7 +272,7 @@ mod tests {
             };
             eprintln!("{q}: packed as {}", p.layout);
             assert!(p.n_bytes >= wq.len() / 2, "{q}: {} packed bytes for {}", p.n_bytes, wq.len());
-            for t in [1usize, 2, 7, 33, 70] {
+            for t in [1usize, 2, 7, 33] {
                 let x = signal(t * k, 0.11);
                 let (mut a, mut b) = (vec![0f32; t * n], vec![0f32; t * n]);
                 gemm_packed(&p, &x, &mut a).unwrap();

@@ -3,11 +3,11 @@
 //! second copy of the weight exists.
 //!
 //! Why our own: decode is memory-bound only when the kernel consumes bytes well faster than DRAM
-//! delivers them. ggml's one-token q4_K kernel consumes ~16 GiB/s per core even from L2 (BENCHMARKS.md,
-//! `matvec_l2`): its inner loop makes each dot-product chain wait on the last (one accumulator per
-//! 32 values) and builds every activation broadcast with a lane permute. Here each 32-value group
-//! has two independent chains, broadcasts come straight from memory (a load, not a shuffle), and the
-//! next tiles are prefetched.
+//! delivers them. ggml's one-token q4_K kernel consumes ~15 GiB/s per core even from L2 (BENCHMARKS.md,
+//! `matvec_l2`): its inner loop runs one dependent accumulator chain per 32 values and builds every
+//! activation broadcast with a lane permute. Here each 32-value group has two independent chains,
+//! broadcasts come straight from memory (a load, not a shuffle), and the next tiles are prefetched:
+//! ~48 GB/s per core from L2 (a throwaway loop; `matvec_l2` measures it with call overheads).
 //!
 //! The layout (ggml-cpu amx/mmq.cpp, `pack_B` for block_q4_K; pinned with llama-cpp-sys-2, and the
 //! tests below compare with ggml's own kernel on it): 16 weight rows × 256 columns make a tile of
