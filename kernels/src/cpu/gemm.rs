@@ -126,14 +126,8 @@ fn own_q4k(w: &PackedMat, x: &[f32], out: &mut [f32], chunked_min_elems: usize) 
     if t - full > OWN_KERNEL_MAX_ROWS {
         return gemm_packed_ggml(w, &x[full * k..], &mut out[full * n..]);
     }
-    let tiles = w.padded_rows / super::q4k_matvec::TILE_ROWS * (k / 256);
-    let bytes = w.bytes().get(..tiles * super::q4k_matvec::TILE_BYTES).ok_or(QuantError::Length {
-        what: "packed q4_K bytes",
-        expected: tiles * super::q4k_matvec::TILE_BYTES,
-        got: w.n_bytes,
-    })?;
     for (xr, or) in x[full * k..].chunks(k).zip(out[full * n..].chunks_mut(n)) {
-        super::q4k_matvec::matvec(bytes, w.padded_rows, xr, or)?;
+        super::q4k_matvec::matvec(w.bytes(), w.padded_rows, xr, or)?;
     }
     Ok(())
 }

@@ -63,7 +63,7 @@ pub fn available() -> bool {
 }
 
 /// `out[r] = Σ_k W[r, k] · x[k]` for the first `out.len()` of the `n_rows` rows of a q4_K weight in
-/// ggml's AMX layout (`packed`, exactly `n_rows / 16 · K / 256` tiles).
+/// ggml's AMX layout (`packed` starts with its `n_rows / 16 · K / 256` tiles; a buffer may be longer).
 pub fn matvec(packed: &[u8], n_rows: usize, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
     let k = x.len();
     if !available() {
@@ -77,9 +77,7 @@ pub fn matvec(packed: &[u8], n_rows: usize, x: &[f32], out: &mut [f32]) -> Resul
     }
     let kb = k / QK;
     let want = n_rows / TILE_ROWS * kb * TILE_BYTES;
-    if packed.len() != want {
-        return Err(QuantError::Length { what: "packed q4_K bytes", expected: want, got: packed.len() });
-    }
+    let packed = packed.get(..want).ok_or(QuantError::Length { what: "packed q4_K bytes", expected: want, got: packed.len() })?;
     if out.len() > n_rows {
         return Err(QuantError::Length { what: "output values (at most the packed rows)", expected: n_rows, got: out.len() });
     }
