@@ -16,6 +16,10 @@
 //! The library is correct without it: [`crate::cpu::gemm`] computes into an aligned scratch buffer and
 //! copies when the output it is given is not aligned (a copy that costs about 3 % of the matmul).
 //!
+//! [`keep_freed_activations`] tunes glibc's malloc for the other half of the same problem: a forward
+//! pass frees and re-allocates megabytes of activations per op, and glibc's defaults hand that memory
+//! back to the kernel between ops, so every op pays page faults to get it again.
+//!
 //! The rule depends on the size alone ([`LARGE`] bytes and up get [`ALIGN`]), so `dealloc` and
 //! `realloc` always see the same layout the block was made with.
 
@@ -83,9 +87,47 @@ unsafe impl GlobalAlloc for CacheAligned {
     }
 }
 
+/// Blocks up to this size come from malloc's heaps (and are reused after a free), larger ones from
+/// their own `mmap`. 32 MiB is the most glibc accepts (half its 64 MiB per-thread heap) and holds a
+/// 512-token prefill's activations (the largest, Phi-2's FFN `[512, 10240]` f32, is 21 MB).
+pub const MALLOC_MMAP_THRESHOLD: usize = 32 << 20;
+
+/// Free memory at the top of a heap that malloc keeps instead of returning it to the kernel (glibc's
+/// default is 128 KiB). A few layers' worth of activations, so a prefill reuses its own pages.
+pub const MALLOC_TRIM_THRESHOLD: usize = 128 << 20;
+
+/// Tells glibc's malloc to keep freed activation memory for the next op instead of returning it
+/// ([`MALLOC_MMAP_THRESHOLD`], [`MALLOC_TRIM_THRESHOLD`]): by default each of a forward pass's
+/// megabyte-sized `Vec`s is unmapped or trimmed when dropped and faulted in again, page by page, by
+/// the next op. On StableLM-1.6B's dense q4_K file, a 512-token prefill took ~490k page faults with
+/// the defaults and ~45k with these (`perf stat -e page-faults`; BENCHMARKS.md has the speed). Costs
+/// at most `MALLOC_TRIM_THRESHOLD` of RSS per heap. Returns whether malloc took both settings; a no-op
+/// returning `true` where the C library is not glibc. Idempotent; the model loader calls it.
+pub fn keep_freed_activations() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: `mallopt` only changes malloc's parameters (under malloc's own lock); any thread may
+        // call it at any time, and both values are within the ranges glibc documents.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD as libc::c_int) == 1
+                && libc::mallopt(libc::M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD as libc::c_int) == 1
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn malloc_takes_the_settings() {
+        assert!(keep_freed_activations(), "glibc refused M_MMAP_THRESHOLD or M_TRIM_THRESHOLD");
+        assert!(keep_freed_activations(), "a second call must succeed too");
+    }
 
     #[test]
     fn large_blocks_are_aligned_and_survive_growth_across_the_boundary() {

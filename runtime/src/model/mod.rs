@@ -136,6 +136,8 @@ pub struct PreparedInput<B: Backend> {
 
 impl<B: Backend> Model<B> {
     pub fn load_with(path: &Path, backend: B) -> Result<Model<B>> {
+        // activations are freed and re-allocated per op: keep their pages (kernels::alloc)
+        moellava_kernels::alloc::keep_freed_activations();
         let file = Arc::new(GgufFile::open(path)?);
         let config = ModelConfig::from_gguf(&file.meta)?;
         let tokenizer = Tokenizer::from_gguf(&file.meta)?;
