@@ -134,6 +134,10 @@ fn attention(c: &mut Criterion) {
     let s = attn::AttnShape { n_head: N_HEAD, n_kv_head: N_HEAD, head_dim: HEAD_DIM, first_pos: 0, causal: true, scale: 0.11 };
     g.bench_function("batched_prefill_512_phi2", |b| b.iter(|| attn::attention_batched(black_box(&q), &k, &v, s)));
     g.bench_function("per_query_prefill_512_phi2", |b| b.iter(|| attn::attention_per_query(black_box(&q), &k, &v, s)));
+    // the KV cache's default element type for quantised files
+    let (k16, v16): (Vec<half::f16>, Vec<half::f16>) =
+        (k.iter().map(|x| half::f16::from_f32(*x)).collect(), v.iter().map(|x| half::f16::from_f32(*x)).collect());
+    g.bench_function("batched_prefill_512_phi2_f16", |b| b.iter(|| attn::attention_batched(black_box(&q), &k16, &v16, s)));
     g.finish();
 
     // Decode: one query over a 784-position cache (the 768-position image prompt + 16 tokens), one

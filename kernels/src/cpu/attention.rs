@@ -118,55 +118,66 @@ pub fn attention_per_query<T: KvElem>(q: &[f32], k: &[T], v: &[T], s: AttnShape)
 }
 
 /// Per head: `S = Q_h·K_hᵀ`, masked row softmax, `O = S·V_h`, by two register-tiled f32 kernels
-/// ([`scores_tile`], [`values_tile`]) over blocks of [`QB`] queries, the blocks spread over threads.
+/// ([`scores_tile`], [`values_tile`]) over blocks of [`QB`] queries. Heads run in parallel, one task
+/// per query head: each copies its K_hᵀ and V_h (widened, tile-padded; a task per KV head would leave
+/// threads idle when a model has fewer KV heads than the machine has cores), runs all its query blocks
+/// against them while they sit in L2, and writes its `[T, D]` output; one parallel pass then
+/// interleaves the heads into `[T, H·D]`. (Before, the copies ran on one thread and each head was its
+/// own parallel op over query blocks: 32 fork/joins and 32 serial copies per layer.)
 /// Both kernels multiply-add along contiguous rows (keys of `K_hᵀ`, dimensions of `V_h`) with the
 /// query's values broadcast, so no sum is reduced across a vector: a head dimension of 64–128 is too
 /// short for a dot-product GEMM (ggml's tiled f32 `mul_mat`, used here before, spent much of its time
-/// in its final reductions; this path is 1.6× faster on Phi-2's 512-token shape, measured back to back
-/// with `cargo bench --bench kernels -- attention`, figures in BENCHMARKS.md).
+/// in its final reductions; figures in BENCHMARKS.md, `cargo bench --bench kernels -- attention`).
 pub fn attention_batched<T: KvElem>(q: &[f32], k: &[T], v: &[T], s: AttnShape) -> Vec<f32> {
     let hd = s.head_dim;
     let Dims { t, p, qw, kw, group } = s.dims(q.len(), k.len());
+    if t == 0 || hd == 0 {
+        return vec![0f32; t * qw];
+    }
     let (pp, dp) = (p.next_multiple_of(KEYS_PER_TILE), hd.next_multiple_of(DIMS_PER_TILE));
-    let mut out = vec![0f32; t * qw];
-    let mut k_t = vec![0f32; hd * pp]; // [D, Pp]: K_h transposed, keys contiguous
-    let mut v_h = vec![0f32; p * dp]; // [P, Dp]: V_h, rows zero-padded to whole tiles
-    let mut row = T::scratch(hd); // one key or value row widened to f32
-    for kvh in 0..s.n_kv_head {
+    // Scratch per worker thread, not per head: k_t [D, Pp] (K_h transposed, keys contiguous), v_h [P, Dp] (rows
+    // zero-padded to whole tiles), a widened row [D], q_b [QB, D], s_b [QB, Pp], o_b [QB, Dp]. In a last,
+    // partial block the rows past its queries keep an earlier block's values; their score rows are zeroed below
+    // and their outputs never copied out.
+    let mut per_head = vec![0f32; s.n_head * t * hd]; // [H, T, D]
+    let scratch = || {
+        (vec![0f32; hd * pp], vec![0f32; p * dp], T::scratch(hd), vec![0f32; QB * hd], vec![0f32; QB * pp], vec![0f32; QB * dp])
+    };
+    per_head.par_chunks_mut(t * hd).enumerate().for_each_init(scratch, |(k_t, v_h, row, q_b, s_b, o_b), (h, o_h)| {
+        let kvh = h / group;
         for j in 0..p {
-            let kr = T::as_f32(&k[j * kw + kvh * hd..j * kw + (kvh + 1) * hd], &mut row);
+            let kr = T::as_f32(&k[j * kw + kvh * hd..j * kw + (kvh + 1) * hd], row);
             for (d, x) in kr.iter().enumerate() {
                 k_t[d * pp + j] = *x;
             }
-            v_h[j * dp..j * dp + hd].copy_from_slice(T::as_f32(&v[j * kw + kvh * hd..j * kw + (kvh + 1) * hd], &mut row));
+            v_h[j * dp..j * dp + hd].copy_from_slice(T::as_f32(&v[j * kw + kvh * hd..j * kw + (kvh + 1) * hd], row));
         }
-        let (k_t, v_h) = (&k_t, &v_h);
-        // Scratch per worker thread, not per block: q_b [QB, D], s_b [QB, Pp], o_b [QB, Dp]. In a last,
-        // partial block the rows past its queries keep an earlier block's values; their score rows
-        // are zeroed below and their outputs never copied out, so they change nothing.
-        let scratch = || (vec![0f32; QB * hd], vec![0f32; QB * pp], vec![0f32; QB * dp]);
-        out.par_chunks_mut(QB * qw).enumerate().for_each_init(scratch, |(q_b, s_b, o_b), (b, o_rows)| {
-            let (t0, nq) = (b * QB, o_rows.len() / qw);
+        for t0 in (0..t).step_by(QB) {
+            let nq = QB.min(t - t0);
             let seen = s.visible(t0 + nq - 1, p); // the block's last query sees the most keys
-            for h in kvh * group..(kvh + 1) * group {
-                for r in 0..nq {
-                    q_b[r * hd..(r + 1) * hd].copy_from_slice(&q[(t0 + r) * qw + h * hd..(t0 + r) * qw + (h + 1) * hd]);
-                }
-                scores_tile(q_b, hd, k_t, pp, seen.next_multiple_of(KEYS_PER_TILE), s_b);
-                for r in 0..QB {
-                    let row = &mut s_b[r * pp..(r + 1) * pp];
-                    let vis = if r < nq { s.visible(t0 + r, p) } else { 0 };
-                    row[..vis].iter_mut().for_each(|x| *x *= s.scale);
-                    softmax(&mut row[..vis]);
-                    row[vis..].iter_mut().for_each(|x| *x = 0.0);
-                }
-                values_tile(s_b, pp, v_h, dp, seen, o_b);
-                for r in 0..nq {
-                    o_rows[r * qw + h * hd..r * qw + (h + 1) * hd].copy_from_slice(&o_b[r * dp..r * dp + hd]);
-                }
+            for r in 0..nq {
+                q_b[r * hd..(r + 1) * hd].copy_from_slice(&q[(t0 + r) * qw + h * hd..(t0 + r) * qw + (h + 1) * hd]);
             }
-        });
-    }
+            scores_tile(q_b, hd, k_t, pp, seen.next_multiple_of(KEYS_PER_TILE), s_b);
+            for r in 0..QB {
+                let row = &mut s_b[r * pp..(r + 1) * pp];
+                let vis = if r < nq { s.visible(t0 + r, p) } else { 0 };
+                row[..vis].iter_mut().for_each(|x| *x *= s.scale);
+                softmax(&mut row[..vis]);
+                row[vis..].iter_mut().for_each(|x| *x = 0.0);
+            }
+            values_tile(s_b, pp, v_h, dp, seen, o_b);
+            for r in 0..nq {
+                o_h[(t0 + r) * hd..(t0 + r + 1) * hd].copy_from_slice(&o_b[r * dp..r * dp + hd]);
+            }
+        }
+    });
+    let mut out = vec![0f32; t * qw];
+    out.par_chunks_mut(qw).enumerate().for_each(|(tok, o)| {
+        for (h, oh) in o.chunks_mut(hd).enumerate() {
+            oh.copy_from_slice(&per_head[(h * t + tok) * hd..(h * t + tok + 1) * hd]);
+        }
+    });
     out
 }
 
@@ -209,22 +220,43 @@ fn scores_tile(q_b: &[f32], hd: usize, k_t: &[f32], pp: usize, n_keys: usize, s_
 }
 
 /// `o_b[r, c] = Σ_{j < n_keys} s_b[r, j] · v_h[j, c]` for r < QB, c < dp (a multiple of
-/// DIMS_PER_TILE). s_b `[QB, pp]`, v_h `[P, dp]`, o_b `[QB, dp]`.
+/// DIMS_PER_TILE). s_b `[QB, pp]`, v_h `[P, dp]`, o_b `[QB, dp]`. Columns go in strips of up to
+/// [`MAX_VALUE_VECTORS`] vectors, so each key's row of V feeds QB × (vectors) independent
+/// accumulators: with one vector per strip (4 chains) the loop waited on FMA latency and on loads.
 fn values_tile(s_b: &[f32], pp: usize, v_h: &[f32], dp: usize, n_keys: usize, o_b: &mut [f32]) {
-    for c0 in (0..dp).step_by(DIMS_PER_TILE) {
-        let mut acc = [[0f32; DIMS_PER_TILE]; QB];
-        for j in 0..n_keys {
-            let vr: &[f32; DIMS_PER_TILE] = v_h[j * dp + c0..j * dp + c0 + DIMS_PER_TILE].try_into().expect("tile");
-            for (r, a) in acc.iter_mut().enumerate() {
-                let w = s_b[r * pp + j];
-                for (a, v) in a.iter_mut().zip(vr) {
-                    *a = fma(w, *v, *a);
-                }
+    let mut c0 = 0;
+    while c0 < dp {
+        let nv = ((dp - c0) / DIMS_PER_TILE).min(MAX_VALUE_VECTORS);
+        match nv {
+            5 => values_strip::<80>(s_b, pp, v_h, dp, n_keys, c0, o_b),
+            4 => values_strip::<64>(s_b, pp, v_h, dp, n_keys, c0, o_b),
+            3 => values_strip::<48>(s_b, pp, v_h, dp, n_keys, c0, o_b),
+            2 => values_strip::<32>(s_b, pp, v_h, dp, n_keys, c0, o_b),
+            _ => values_strip::<16>(s_b, pp, v_h, dp, n_keys, c0, o_b),
+        }
+        c0 += nv.max(1) * DIMS_PER_TILE;
+    }
+}
+
+/// Widest column strip of [`values_tile`], in vectors of DIMS_PER_TILE: QB × 5 = 20 accumulators
+/// plus 5 rows of V stay within AVX-512's 32 registers; head dims 64 and 80 are one strip.
+const MAX_VALUE_VECTORS: usize = 5;
+
+/// [`values_tile`] on columns `c0..c0 + W`.
+#[inline(always)]
+fn values_strip<const W: usize>(s_b: &[f32], pp: usize, v_h: &[f32], dp: usize, n_keys: usize, c0: usize, o_b: &mut [f32]) {
+    let mut acc = [[0f32; W]; QB];
+    for j in 0..n_keys {
+        let vr: &[f32; W] = v_h[j * dp + c0..j * dp + c0 + W].try_into().expect("strip");
+        for (r, a) in acc.iter_mut().enumerate() {
+            let w = s_b[r * pp + j];
+            for (a, v) in a.iter_mut().zip(vr) {
+                *a = fma(w, *v, *a);
             }
         }
-        for (r, a) in acc.iter().enumerate() {
-            o_b[r * dp + c0..r * dp + c0 + DIMS_PER_TILE].copy_from_slice(a);
-        }
+    }
+    for (r, a) in acc.iter().enumerate() {
+        o_b[r * dp + c0..r * dp + c0 + W].copy_from_slice(a);
     }
 }
 

@@ -99,13 +99,18 @@ pub fn exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75; // ln 2 rounded to 16 significant bits: n·LN2_HI is exact
     const LN2_LO: f32 = 1.428_606_8e-6; // ln 2 − LN2_HI
+                                        // 1.5·2²³: adding it to |v| < 2²² rounds v to an integer (ties to even) held in the low mantissa
+                                        // bits, so n and 2ⁿ need no float-to-int cast (Rust's saturating `as i32` does not vectorise)
+    const SHIFTER: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.3); // n stays in [-126, 127]: a normal power of two
-    let n = (x * LOG2E).round_ties_even();
+    let t = x * LOG2E + SHIFTER; // bits: 0x4B40_0000 + n
+    let n = t - SHIFTER; // = round_ties_even(x·log₂e), exactly
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (1.0 / 2.0 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // (n + 127) << 23, read from t's bits: the shift drops 0x4B40_0000's bits, n + 127 ∈ [1, 254]
+    p * f32::from_bits(t.to_bits().wrapping_add(127) << 23)
 }
 
 /// `f` on every element: monomorphised per activation so the loop inlines and vectorises.
@@ -153,10 +158,27 @@ pub fn rope_neox(x: &mut [f32], n_head: usize, head_dim: usize, rot_dims: usize,
 
 /// Softmax of a row, in place.
 pub fn softmax(row: &mut [f32]) {
-    // One f32 exp per element (as torch computes it), vectorised; the normaliser summed in f64.
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+    // One f32 exp per element (as torch computes it), vectorised; the normaliser summed in f64. Both
+    // reductions keep independent lanes (max: 16 f32, sum: 8 f64): a single running max or sum is a
+    // chain the compiler may not reorder, one add's latency per element, which cost as much as the
+    // exps on a 512-key attention row.
+    const MAX_LANES: usize = 16;
+    const SUM_LANES: usize = 8;
+    let mut lanes = [f32::NEG_INFINITY; MAX_LANES];
+    let chunks = row.chunks_exact(MAX_LANES);
+    let rest = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+    for c in chunks {
+        lanes.iter_mut().zip(c).for_each(|(m, v)| *m = m.max(*v));
+    }
+    let max = lanes.iter().fold(rest, |m, v| m.max(*v));
     row.iter_mut().for_each(|v| *v = exp_f32(*v - max));
-    let sum: f64 = row.iter().map(|&e| e as f64).sum();
+    let mut sums = [0f64; SUM_LANES];
+    let chunks = row.chunks_exact(SUM_LANES);
+    let rest: f64 = chunks.remainder().iter().map(|&e| e as f64).sum();
+    for c in chunks {
+        sums.iter_mut().zip(c).for_each(|(s, e)| *s += *e as f64);
+    }
+    let sum = sums.iter().sum::<f64>() + rest;
     let inv = (1.0 / sum) as f32;
     row.iter_mut().for_each(|v| *v *= inv);
 }
