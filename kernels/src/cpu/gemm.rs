@@ -12,6 +12,7 @@
 //! reused, with the context memory and the scratch buffer), so no call spawns threads or allocates. Calls are serialised by a mutex: the model runs one matmul at a time.
 
 use std::ffi::c_void;
+use std::mem::MaybeUninit;
 use std::ptr;
 use std::sync::Mutex;
 
@@ -95,7 +96,24 @@ pub fn gemm(w: QMatRef, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
     if w.data.len() != want {
         return Err(QuantError::Length { what: "weight bytes", expected: want, got: w.data.len() });
     }
-    mul_mat(Src0::Raw(w), w.n_rows, w.n_rows, w.n_cols, x, out)
+    mul_mat(Src0::Raw(w), w.n_rows, w.n_rows, w.n_cols, x, as_uninit(out))
+}
+
+/// `out` seen as possibly-uninitialised floats, for the functions of this file that only write it.
+fn as_uninit(out: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: `MaybeUninit<f32>` has `f32`'s size and alignment. Everything that writes through this
+    // view stores initialised floats (ggml's outputs, copies of them, zeros, our kernel's sums), so
+    // `out` stays initialised for its owner.
+    unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) }
+}
+
+/// `out` set to zeros, then seen as the floats it now holds.
+fn zeroed(out: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    for v in out.iter_mut() {
+        v.write(0.0);
+    }
+    // SAFETY: every element was just initialised, and `MaybeUninit<f32>` has `f32`'s layout.
+    unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
 
 /// `out[T, N] = x[T, K] · W[N, K]ᵀ` with W repacked ([`super::packed`]): the buffer type's own kernel.
@@ -107,27 +125,51 @@ pub fn gemm(w: QMatRef, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
 /// multiplied in blocks of [`AMX_ROWS`] tokens, one ggml call each, with one or two tokens left over
 /// again on our kernel.
 pub fn gemm_packed(w: &PackedMat, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
+    gemm_packed_uninit(w, x, as_uninit(out))
+}
+
+/// [`gemm_packed`] into a new `[T, N]` buffer, which is not zeroed first: every path writes all of
+/// it (a model's prefill otherwise spends ~1 % of its time in `memset` on outputs about to be
+/// overwritten).
+pub fn gemm_packed_new(w: &PackedMat, x: &[f32]) -> Result<Vec<f32>, QuantError> {
+    let k = w.n_cols;
+    if k == 0 || !x.len().is_multiple_of(k) {
+        let expected = x.len() / k.max(1) * k;
+        return Err(QuantError::Length { what: "activation values (a whole number of rows)", expected, got: x.len() });
+    }
+    let len = (x.len() / k).checked_mul(w.n_rows).ok_or(QuantError::Overflow)?;
+    let mut out = Vec::with_capacity(len);
+    gemm_packed_uninit(w, x, &mut out.spare_capacity_mut()[..len])?;
+    // SAFETY: `gemm_packed_uninit` succeeded, and on success every path has written all `len`
+    // outputs: ggml's `mul_mat` computes every element of its destination, the padded-rows path
+    // copies every kept column of every row, and rows for our kernel are zeroed before it sums.
+    unsafe { out.set_len(len) };
+    Ok(out)
+}
+
+fn gemm_packed_uninit(w: &PackedMat, x: &[f32], out: &mut [MaybeUninit<f32>]) -> Result<(), QuantError> {
     let (k, n) = (w.n_cols, w.n_rows);
     if !uses_own_matvec(w) || k == 0 || !x.len().is_multiple_of(k) || out.len() != x.len() / k * n {
-        return gemm_packed_ggml(w, x, out);
+        return mul_mat(Src0::Packed(w), w.padded_rows, w.n_rows, w.n_cols, x, out);
     }
     own_q4k(w, x, out, CHUNKED_MIN_ELEMS)
 }
 
 /// [`gemm_packed`] on a q4_K AMX weight (checked by the caller), in [`AMX_ROWS`]-token calls from
 /// `chunked_min_elems` values on.
-fn own_q4k(w: &PackedMat, x: &[f32], out: &mut [f32], chunked_min_elems: usize) -> Result<(), QuantError> {
+fn own_q4k(w: &PackedMat, x: &[f32], out: &mut [MaybeUninit<f32>], chunked_min_elems: usize) -> Result<(), QuantError> {
     let (k, n) = (w.n_cols, w.n_rows);
     let t = x.len() / k;
+    let ggml = |x: &[f32], out: &mut [MaybeUninit<f32>]| mul_mat(Src0::Packed(w), w.padded_rows, n, k, x, out);
     let full = if n * k >= chunked_min_elems { t / AMX_ROWS * AMX_ROWS } else { 0 };
     for (xc, oc) in x[..full * k].chunks(AMX_ROWS * k).zip(out[..full * n].chunks_mut(AMX_ROWS * n)) {
-        gemm_packed_ggml(w, xc, oc)?;
+        ggml(xc, oc)?;
     }
     if t - full > OWN_KERNEL_MAX_ROWS {
-        return gemm_packed_ggml(w, &x[full * k..], &mut out[full * n..]);
+        return ggml(&x[full * k..], &mut out[full * n..]);
     }
     for (xr, or) in x[full * k..].chunks(k).zip(out[full * n..].chunks_mut(n)) {
-        super::q4k_matvec::matvec(w.bytes(), w.padded_rows, xr, or)?;
+        super::q4k_matvec::matvec(w.bytes(), w.padded_rows, xr, zeroed(or))?;
     }
     Ok(())
 }
@@ -156,7 +198,7 @@ pub fn uses_own_matvec(w: &PackedMat) -> bool {
 
 /// [`gemm_packed`] always through ggml's kernel for the layout (benches and tests compare the two).
 pub fn gemm_packed_ggml(w: &PackedMat, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
-    mul_mat(Src0::Packed(w), w.padded_rows, w.n_rows, w.n_cols, x, out)
+    mul_mat(Src0::Packed(w), w.padded_rows, w.n_rows, w.n_cols, x, as_uninit(out))
 }
 
 /// The weight operand of one `mul_mat`: block-format bytes, or a tensor of an extra buffer type.
@@ -170,7 +212,7 @@ enum Src0<'a> {
 /// scratch `[T, n]` whose kept columns are copied out — ggml's kernels read and write output rows in
 /// 64-byte vectors, which straddle cache lines on a misaligned buffer (AMX: ~1.5× slower, see
 /// `crate::alloc`).
-fn mul_mat(w: Src0, n: usize, n_keep: usize, k: usize, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
+fn mul_mat(w: Src0, n: usize, n_keep: usize, k: usize, x: &[f32], out: &mut [MaybeUninit<f32>]) -> Result<(), QuantError> {
     if n_keep == n && out.as_ptr().align_offset(crate::alloc::ALIGN) == 0 {
         return mul_mat_into(w, n, k, x, out);
     }
@@ -181,14 +223,17 @@ fn mul_mat(w: Src0, n: usize, n_keep: usize, k: usize, x: &[f32], out: &mut [f32
     let mut tmp = vec![0f32; t * n + crate::alloc::ALIGN / 4];
     let off = tmp.as_ptr().align_offset(crate::alloc::ALIGN);
     let wide = &mut tmp[off..off + t * n]; // [T, n]
-    mul_mat_into(w, n, k, x, wide)?;
+    mul_mat_into(w, n, k, x, as_uninit(wide))?;
     for (o, row) in out.chunks_mut(n_keep.max(1)).zip(wide.chunks(n.max(1))) {
-        o.copy_from_slice(&row[..n_keep]);
+        for (o, v) in o.iter_mut().zip(&row[..n_keep]) {
+            o.write(*v);
+        }
     }
     Ok(())
 }
 
-fn mul_mat_into(w: Src0, n: usize, k: usize, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
+/// ggml's `mul_mat` writing every element of `out` (`[T, n]`) on success.
+fn mul_mat_into(w: Src0, n: usize, k: usize, x: &[f32], out: &mut [MaybeUninit<f32>]) -> Result<(), QuantError> {
     let t = x.len() / k.max(1);
     if k == 0 || x.len() != t * k {
         return Err(QuantError::Length { what: "activation values (a whole number of rows)", expected: t * k, got: x.len() });
@@ -220,8 +265,9 @@ fn mul_mat_into(w: Src0, n: usize, k: usize, x: &[f32], out: &mut [f32]) -> Resu
         // `w.data` (checked by `gemm`; K is a whole number of blocks: `QMatRef` guarantees it) or the
         // packed tensor of `PackedMat` ([K, N], alive for this borrow), src1 = [K, T] f32 over `x`,
         // dst = [N, T] f32 over `out`. ggml only reads src0/src1 (the `*mut` casts never write through)
-        // and writes dst, which we borrow mutably. The plan's scratch buffer is `pool.work`, resized to
-        // the size ggml asked for, and the pool's thread count matches the plan's.
+        // and writes dst (every element; `out` may start uninitialised), which we borrow mutably. The
+        // plan's scratch buffer is `pool.work`, resized to the size ggml asked for, and the pool's
+        // thread count matches the plan's.
         unsafe {
             let w_t = match w {
                 Src0::Raw(w) => {
@@ -324,12 +370,33 @@ mod tests {
         for t in [64usize, 65, 66, 70] {
             let x = signal(t * k, 0.11);
             let (mut a, mut b) = (vec![0f32; t * n], vec![0f32; t * n]);
-            own_q4k(&p, &x, &mut a, 0).unwrap();
+            own_q4k(&p, &x, as_uninit(&mut a), 0).unwrap();
             matmul_vec_dot(w, &x, &mut b).unwrap();
             let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
             for (i, (p_, q_)) in a.iter().zip(&b).enumerate() {
                 assert!((p_ - q_).abs() <= SAME_MATH_REL_TOL * scale, "t={t} [{i}]: {p_} vs {q_}");
             }
+        }
+    }
+
+    #[test]
+    fn a_new_output_buffer_gets_the_same_values_as_a_zeroed_one() {
+        // 70 rows: padded to whole tiles where the layout has them (the copied-columns path); 1 and 2
+        // tokens take our q4_K kernel, 33 and 70 ggml's (70 also a 32-token call with leftovers when
+        // the threshold is 0, which `own_q4k` is tested with above)
+        let (n, k) = (70, 512);
+        for q in [QuantType::Q8_0, QuantType::Q4_K, QuantType::Q4_0] {
+            let wq = quant::quantize_rows_vec(q, &signal(n * k, 0.37), k).unwrap();
+            let Some(p) = super::super::packed::pack(QMatRef::new(&wq, q, n, k).unwrap()).unwrap() else {
+                continue;
+            };
+            for t in [1usize, 2, 3, 33, 70] {
+                let x = signal(t * k, 0.11);
+                let mut want = vec![0f32; t * n];
+                gemm_packed(&p, &x, &mut want).unwrap();
+                assert_eq!(gemm_packed_new(&p, &x).unwrap(), want, "{q} ({}), t={t}", p.layout);
+            }
+            assert!(gemm_packed_new(&p, &vec![0.5; k + 1]).is_err(), "{q}: a partial row is refused");
         }
     }
 

@@ -57,6 +57,23 @@ pub fn mul(x: &mut [f32], y: &[f32]) {
     x.iter_mut().zip(y).for_each(|(a, b)| *a *= b);
 }
 
+/// `silu(g) · u` per row of `h [T, 2F]` whose rows are `[g (F values), u (F values)]` (SwiGLU's gate
+/// and up multiplied as one stacked matrix) → `[T, F]`. The same f32 operations, in the same order, as
+/// [`activate`] with [`Activation::Silu`] on g followed by [`mul`] by u.
+pub fn silu_mul_halves(h: &[f32], f: usize) -> Vec<f32> {
+    let mut out = vec![0f32; if f == 0 { 0 } else { h.len() / 2 }];
+    if f == 0 {
+        return out;
+    }
+    out.par_chunks_mut(f).zip(h.par_chunks(2 * f)).for_each(|(o, row)| {
+        let (g, u) = row.split_at(f);
+        for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
+            *o = g / (1.0 + exp_f32(-g)) * u;
+        }
+    });
+    out
+}
+
 /// Element-wise activations of the supported models.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {

@@ -7,9 +7,9 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use moellava_kernels::cpu::{self, gemm, ops, Activation};
 
-use super::{AttnShape, Backend, KvType};
+use super::{AttnShape, Backend, KvType, RowMode};
 use crate::error::Result;
-use crate::model::weights::Weight;
+use crate::model::weights::{StackedPair, Weight};
 
 /// Row-major `[rows, cols]` f32 on the host.
 #[derive(Clone, Debug, PartialEq)]
@@ -55,11 +55,14 @@ impl Backend for CpuBackend {
     }
 
     fn matmul(&self, x: &HostMat, w: &Weight) -> Result<HostMat> {
-        let mut out = vec![0f32; x.rows() * w.rows];
-        match w.packed() {
-            Some(p) => gemm::gemm_packed(p, &x.data, &mut out)?,
-            None => cpu::matmul(w.mat(), &x.data, &mut out)?,
-        }
+        let out = match w.packed() {
+            Some(p) => gemm::gemm_packed_new(p, &x.data)?, // not zeroed first: the kernels write it all
+            None => {
+                let mut out = vec![0f32; x.rows() * w.rows];
+                cpu::matmul(w.mat(), &x.data, &mut out)?;
+                out
+            }
+        };
         Ok(HostMat { data: out, cols: w.rows })
     }
 
@@ -94,6 +97,23 @@ impl Backend for CpuBackend {
 
     fn rms_norm(&self, x: &mut HostMat, w: &[f32], eps: f32) {
         ops::rms_norm(&mut x.data, x.cols, w, eps);
+    }
+
+    fn gate_up(&self, x: &HostMat, gate: &Weight, up: &Weight, stacked: Option<&StackedPair>, mode: RowMode) -> Result<HostMat> {
+        let Some((p, f)) = stacked.and_then(|s| Some((s.packed()?, s.rows()))) else {
+            return super::gate_up_apart(self, x, gate, up, mode);
+        };
+        let h = match mode {
+            RowMode::Sequence => gemm::gemm_packed_new(p, &x.data)?, // [T, 2F]
+            RowMode::Independent => {
+                let mut h = vec![0f32; x.rows() * 2 * f];
+                for (xr, o) in x.data.chunks(x.cols.max(1)).zip(h.chunks_mut(2 * f)) {
+                    gemm::gemm_packed(p, xr, o)?;
+                }
+                h
+            }
+        };
+        Ok(HostMat { data: ops::silu_mul_halves(&h, f), cols: f })
     }
 
     fn activate(&self, x: &mut HostMat, a: Activation) {
@@ -179,5 +199,48 @@ impl Backend for CpuBackend {
 
     fn zeros(&self, rows: usize, cols: usize) -> HostMat {
         HostMat { data: vec![0.0; rows * cols], cols }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use moellava_kernels::quant::{self, GgmlType};
+    use moellava_kernels::QuantType;
+
+    use super::*;
+    use crate::gguf::{GgufFile, GgufWriter, TensorSpec};
+    use crate::model::weights::WeightStore;
+
+    #[test]
+    fn stacked_gate_and_up_give_the_same_bits_as_two_matmuls() {
+        let (f, d) = (96, 512);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ffn.gguf");
+        let names = ["gate", "up"];
+        let specs = names.iter().map(|n| TensorSpec::from_shape(*n, GgmlType::Q4_K, &[f, d])).collect();
+        let mut w = GgufWriter::create(&path, &[], specs).unwrap();
+        for (i, n) in names.iter().enumerate() {
+            let vals: Vec<f32> = (0..f * d).map(|j| ((j * 7 + i * 13) % 101) as f32 / 50.0 - 1.0).collect();
+            w.write_tensor(n, &quant::quantize_rows_vec(QuantType::Q4_K, &vals, d).unwrap()).unwrap();
+        }
+        w.finish().unwrap();
+        let ws = WeightStore::new(Arc::new(GgufFile::open(&path).unwrap()));
+        let (gate, up) = (ws.matrix("gate", f, d).unwrap(), ws.matrix("up", f, d).unwrap());
+        let pair = StackedPair::new(&gate, &up).expect("mapped, one type and shape");
+        if pair.packed().is_none() {
+            eprintln!("no repacked layout for q4_K on this CPU: both sides take the same two matmuls");
+        }
+        // 1 and 2 tokens: our q4_K kernel where it runs; 5 and 40: ggml's
+        for t in [1usize, 2, 5, 40] {
+            let x = HostMat { data: (0..t * d).map(|i| (i * 31 % 97) as f32 / 48.0 - 1.0).collect(), cols: d };
+            let apart = super::super::gate_up_apart(&CpuBackend, &x, &gate, &up, RowMode::Sequence).unwrap();
+            for mode in [RowMode::Sequence, RowMode::Independent] {
+                let stacked = CpuBackend.gate_up(&x, &gate, &up, Some(&pair), mode).unwrap();
+                assert_eq!((stacked.data.len(), stacked.cols), (t * f, f));
+                assert!(stacked.data == apart.data, "t={t}, {mode:?}: stacked and apart differ");
+            }
+        }
     }
 }

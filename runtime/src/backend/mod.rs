@@ -14,7 +14,7 @@ pub use moellava_kernels::cpu::Activation;
 use moellava_kernels::QuantType;
 
 use crate::error::Result;
-use crate::model::weights::Weight;
+use crate::model::weights::{StackedPair, Weight};
 
 /// What the rows of one forward call are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,6 +34,14 @@ impl RowMode {
             RowMode::Independent => be.matmul_per_row(x, w),
         }
     }
+}
+
+/// [`Backend::gate_up`] as two matmuls, the activation and a product.
+pub fn gate_up_apart<B: Backend>(be: &B, x: &B::Act, gate: &Weight, up: &Weight, mode: RowMode) -> Result<B::Act> {
+    let mut g = mode.matmul(be, x, gate)?;
+    be.activate(&mut g, Activation::Silu);
+    be.mul(&mut g, &mode.matmul(be, x, up)?);
+    Ok(g)
 }
 
 /// The element type of the KV cache (`--kv-cache`).
@@ -106,6 +114,22 @@ pub trait Backend: Send + Sync {
     fn layer_norm(&self, x: &mut Self::Act, w: &[f32], b: Option<&[f32]>, eps: f32);
     fn rms_norm(&self, x: &mut Self::Act, w: &[f32], eps: f32);
     fn activate(&self, x: &mut Self::Act, a: Activation);
+    /// SwiGLU's first half, `silu(x·gateᵀ) ⊙ (x·upᵀ)` `[T, F]`, matmuls in `mode`. `stacked`: the
+    /// two as one matrix, for a backend that can multiply it in one call; by default two matmuls.
+    fn gate_up(
+        &self,
+        x: &Self::Act,
+        gate: &Weight,
+        up: &Weight,
+        stacked: Option<&StackedPair>,
+        mode: RowMode,
+    ) -> Result<Self::Act>
+    where
+        Self: Sized,
+    {
+        let _ = stacked;
+        gate_up_apart(self, x, gate, up, mode)
+    }
     /// `x *= y` element-wise.
     fn mul(&self, x: &mut Self::Act, y: &Self::Act);
     /// `x += y` element-wise.

@@ -8,11 +8,23 @@ use crate::backend::{Activation, Backend, RowMode};
 use crate::error::Result;
 use crate::gguf::keys::tensors as tn;
 use crate::model::config::{Family, LlmConfig};
-use crate::model::weights::{Weight, WeightStore};
+use crate::model::weights::{StackedPair, Weight, WeightStore};
 
 pub enum Ffn {
-    Gelu { up: Weight, up_b: Arc<[f32]>, down: Weight, down_b: Arc<[f32]> },
-    SwiGlu { gate: Weight, up: Weight, down: Weight },
+    Gelu {
+        up: Weight,
+        up_b: Arc<[f32]>,
+        down: Weight,
+        down_b: Arc<[f32]>,
+    },
+    /// `gate_up`: gate and up stacked into one matrix where both run from the file's map (none for an
+    /// expert-cache slot's copies).
+    SwiGlu {
+        gate: Weight,
+        up: Weight,
+        down: Weight,
+        gate_up: Option<Arc<StackedPair>>,
+    },
 }
 
 impl Ffn {
@@ -26,12 +38,18 @@ impl Ffn {
                 down: ws.matrix(&n("ffn_down.weight"), d, f)?,
                 down_b: ws.f32(&n("ffn_down.bias"), &[d])?.into(),
             },
-            Family::StableLm | Family::Qwen => Ffn::SwiGlu {
-                gate: ws.matrix(&n("ffn_gate.weight"), f, d)?,
-                up: ws.matrix(&n("ffn_up.weight"), f, d)?,
-                down: ws.matrix(&n("ffn_down.weight"), d, f)?,
-            },
+            Family::StableLm | Family::Qwen => Ffn::swiglu(
+                ws.matrix(&n("ffn_gate.weight"), f, d)?,
+                ws.matrix(&n("ffn_up.weight"), f, d)?,
+                ws.matrix(&n("ffn_down.weight"), d, f)?,
+            ),
         })
+    }
+
+    /// A SwiGLU block, with gate and up stacked where they can be ([`StackedPair::new`]).
+    pub fn swiglu(gate: Weight, up: Weight, down: Weight) -> Ffn {
+        let gate_up = StackedPair::new(&gate, &up);
+        Ffn::SwiGlu { gate, up, down, gate_up }
     }
 
     /// The matrices in a fixed order (Gelu: up, down; SwiGlu: gate, up, down): the parts of one
@@ -39,7 +57,7 @@ impl Ffn {
     pub fn matrices(&self) -> Vec<&Weight> {
         match self {
             Ffn::Gelu { up, down, .. } => vec![up, down],
-            Ffn::SwiGlu { gate, up, down } => vec![gate, up, down],
+            Ffn::SwiGlu { gate, up, down, .. } => vec![gate, up, down],
         }
     }
 
@@ -51,7 +69,8 @@ impl Ffn {
             Ffn::Gelu { up, up_b, down, down_b } => {
                 Ffn::Gelu { up: next(up), up_b: up_b.clone(), down: next(down), down_b: down_b.clone() }
             }
-            Ffn::SwiGlu { gate, up, down } => Ffn::SwiGlu { gate: next(gate), up: next(up), down: next(down) },
+            // copies outside the map: no stacked pair (it would be a second copy beside the slot's)
+            Ffn::SwiGlu { gate, up, down, .. } => Ffn::SwiGlu { gate: next(gate), up: next(up), down: next(down), gate_up: None },
         }
     }
 
@@ -67,10 +86,8 @@ impl Ffn {
                 be.add_bias(&mut y, down_b);
                 Ok(y)
             }
-            Ffn::SwiGlu { gate, up, down } => {
-                let mut g = mm(x, gate)?; // [T, F]
-                be.activate(&mut g, Activation::Silu);
-                be.mul(&mut g, &mm(x, up)?);
+            Ffn::SwiGlu { gate, up, down, gate_up } => {
+                let g = be.gate_up(x, gate, up, gate_up.as_deref(), mode)?; // silu(x·gateᵀ) ⊙ x·upᵀ [T, F]
                 mm(&g, down) // [T, D]
             }
         }

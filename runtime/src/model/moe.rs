@@ -169,9 +169,7 @@ impl Moe {
                 .collect()
         } else {
             let gate = ws.stacked(&n("ffn_gate_exps.weight"), e, f, d)?;
-            (0..e)
-                .map(|x| Ffn::SwiGlu { gate: own(&gate, x * f, f), up: own(&up, x * f, f), down: own(&down, x * d, d) })
-                .collect()
+            (0..e).map(|x| Ffn::swiglu(own(&gate, x * f, f), own(&up, x * f, f), own(&down, x * d, d))).collect()
         };
         Ok(Moe {
             layer,

@@ -127,6 +127,58 @@ impl Weight {
     }
 }
 
+/// Two matrices of one type and width, stacked by rows (`[a.rows + b.rows, cols]`) into one repacked
+/// matrix: SwiGLU's gate and up, so the CPU multiplies both in one call, quantising the shared input
+/// once (`Backend::gate_up`). Each output is the same dot product with the same converted input as
+/// when the two run apart, so the results are the same bits.
+pub struct StackedPair {
+    a: Weight,
+    b: Weight,
+    packed: OnceLock<Option<PackedMat>>,
+}
+
+impl StackedPair {
+    /// `None` unless both would be repacked on their own (weights in the file's map) and share type
+    /// and shape.
+    pub fn new(a: &Weight, b: &Weight) -> Option<Arc<StackedPair>> {
+        let ok = a.repack.is_some() && b.repack.is_some() && a.qtype == b.qtype && (a.rows, a.cols) == (b.rows, b.cols);
+        ok.then(|| Arc::new(StackedPair { a: a.clone(), b: b.clone(), packed: OnceLock::new() }))
+    }
+
+    /// The stacked matrix in ggml-cpu's fastest layout, made on the first call from a copy of both
+    /// matrices' bytes, whose mapped pages are then released (as [`Weight::packed`] does). `None`
+    /// where that weight would get none: repacking off, or no layout for the type and shape.
+    pub fn packed(&self) -> Option<&PackedMat> {
+        if !packed::enabled() {
+            return None;
+        }
+        self.packed
+            .get_or_init(|| {
+                let (a, b) = (&self.a, &self.b);
+                let mut bytes = Vec::with_capacity(a.len + b.len);
+                bytes.extend_from_slice(a.bytes());
+                bytes.extend_from_slice(b.bytes());
+                let mat = QMatRef { data: &bytes, qtype: a.qtype, n_rows: a.rows + b.rows, n_cols: a.cols };
+                let p = packed::pack(mat).ok().flatten();
+                if p.is_some() {
+                    for w in [a, b] {
+                        if let Storage::Mapped(f) = &w.storage {
+                            f.release(w.offset, w.len);
+                        }
+                    }
+                }
+                p
+            })
+            .as_ref()
+    }
+
+    /// Rows of each matrix: of the stacked output's `2·rows()` columns, the first half is the first
+    /// matrix's.
+    pub fn rows(&self) -> usize {
+        self.a.rows
+    }
+}
+
 /// Typed access to the tensors of a GGUF file.
 #[derive(Clone)]
 pub struct WeightStore {
