@@ -121,9 +121,13 @@ fn zeroed(out: &mut [MaybeUninit<f32>]) -> &mut [f32] {
 /// real columns reach `out`.
 ///
 /// A q4_K weight in the AMX layout: one or two tokens run our own kernel on the same bytes
-/// ([`super::q4k_matvec`]), one token at a time; an FFN-sized one ([`CHUNKED_MIN_ELEMS`]) is
-/// multiplied in blocks of [`AMX_ROWS`] tokens, one ggml call each, with one or two tokens left over
-/// again on our kernel.
+/// ([`super::q4k_matvec`]), one token at a time. More tokens: whole blocks of [`AMX_ROWS`] first (on
+/// an FFN-sized weight, [`CHUNKED_MIN_ELEMS`], one ggml call per block; else one call for all
+/// blocks), then the rows left over in a call of their own, or on our kernel for one or two. ggml's
+/// q4_K AMX kernel pays for a partial 32-row block inside a call almost what a whole one costs, and
+/// more than in a call of its own: on 2048×5632, 38 rows in one call 2.48 ms against 32 + 6 in two
+/// calls 1.25 + 0.52 ms; 70 rows 3.64 ms against 64 + 6, 2.61 + 0.52 ms (throwaway timing loop from
+/// a worker, 2 threads; BENCHMARKS.md). A MoE expert's row count is rarely a multiple of 32.
 pub fn gemm_packed(w: &PackedMat, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
     gemm_packed_uninit(w, x, as_uninit(out))
 }
@@ -161,10 +165,13 @@ fn own_q4k(w: &PackedMat, x: &[f32], out: &mut [MaybeUninit<f32>], chunked_min_e
     let (k, n) = (w.n_cols, w.n_rows);
     let t = x.len() / k;
     let ggml = |x: &[f32], out: &mut [MaybeUninit<f32>]| mul_mat(Src0::Packed(w), w.padded_rows, n, k, x, out);
-    let full = if n * k >= chunked_min_elems { t / AMX_ROWS * AMX_ROWS } else { 0 };
-    for (xc, oc) in x[..full * k].chunks(AMX_ROWS * k).zip(out[..full * n].chunks_mut(AMX_ROWS * n)) {
+    // whole 32-row blocks: one call per block on a large weight, else one call for all of them
+    let full = t / AMX_ROWS * AMX_ROWS;
+    let per_call = if n * k >= chunked_min_elems { AMX_ROWS } else { full.max(1) };
+    for (xc, oc) in x[..full * k].chunks(per_call * k).zip(out[..full * n].chunks_mut(per_call * n)) {
         ggml(xc, oc)?;
     }
+    // the rows left over: a call of their own, or our kernel for one or two
     if t - full > OWN_KERNEL_MAX_ROWS {
         return ggml(&x[full * k..], &mut out[full * n..]);
     }
@@ -367,6 +374,16 @@ mod tests {
             return;
         };
         // 64 = two full calls; 65/66 = leftovers on our kernel; 70 = leftovers in one ggml call
+        for t in [64usize, 65, 66, 70] {
+            let x = signal(t * k, 0.11);
+            let (mut a, mut b) = (vec![0f32; t * n], vec![0f32; t * n]);
+            own_q4k(&p, &x, as_uninit(&mut a), usize::MAX).unwrap(); // small-weight path: blocks in one call
+            matmul_vec_dot(w, &x, &mut b).unwrap();
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (i, (p_, q_)) in a.iter().zip(&b).enumerate() {
+                assert!((p_ - q_).abs() <= SAME_MATH_REL_TOL * scale, "one call for the blocks, t={t} [{i}]: {p_} vs {q_}");
+            }
+        }
         for t in [64usize, 65, 66, 70] {
             let x = signal(t * k, 0.11);
             let (mut a, mut b) = (vec![0f32; t * n], vec![0f32; t * n]);
