@@ -153,7 +153,7 @@ pub fn gemm_packed_new(w: &PackedMat, x: &[f32]) -> Result<Vec<f32>, QuantError>
 
 fn gemm_packed_uninit(w: &PackedMat, x: &[f32], out: &mut [MaybeUninit<f32>]) -> Result<(), QuantError> {
     let (k, n) = (w.n_cols, w.n_rows);
-    if !uses_own_matvec(w) || k == 0 || !x.len().is_multiple_of(k) || out.len() != x.len() / k * n {
+    if !uses_own_matvec(w) || k == 0 || n == 0 || !x.len().is_multiple_of(k) || out.len() != x.len() / k * n {
         return mul_mat(Src0::Packed(w), w.padded_rows, w.n_rows, w.n_cols, x, out);
     }
     own_q4k(w, x, out, CHUNKED_MIN_ELEMS)
