@@ -94,6 +94,26 @@ fn prefill_ffn(c: &mut Criterion) {
     g.finish();
 }
 
+/// A MoE expert's row count, rarely a multiple of 32, through StableLM's expert down matrix
+/// (2048 × 5632, q4_K): ggml's one call with a partial 32-row block inside, against ours (whole
+/// blocks in one call, the rest in a call of its own); multiply-accumulates per second.
+fn prefill_leftover(c: &mut Criterion) {
+    let (n, k) = (2048, 5632);
+    let mut g = c.benchmark_group("prefill_leftover");
+    g.sample_size(10);
+    let w = weights(QuantType::Q4_K, n, k);
+    let Some(p) = packed::pack(QMatRef::new(&w, QuantType::Q4_K, n, k).unwrap()).unwrap() else { return };
+    for t in [38usize, 70] {
+        let x = signal(t * k, 0.11);
+        let mut y = vec![0f32; t * n];
+        g.throughput(Throughput::Elements((t * n * k) as u64));
+        let id = |who: &str| BenchmarkId::new(format!("q4_k_{}_{who}", p.layout), t);
+        g.bench_function(id("one_call"), |b| b.iter(|| gemm::gemm_packed_ggml(&p, black_box(&x), &mut y).unwrap()));
+        g.bench_function(id("ours"), |b| b.iter(|| gemm::gemm_packed(&p, black_box(&x), &mut y).unwrap()));
+    }
+    g.finish();
+}
+
 /// Prefill: 128 tokens through a 2560 × 2560 projection, by ggml's mul_mat, by per-row vec_dot and by
 /// the repacked weight's kernel (AMX where the CPU has it);
 /// multiply-accumulates per second.
@@ -210,5 +230,5 @@ fn matvec_streaming(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, matvec, matvec_streaming, prefill_matmul, prefill_ffn, attention, memory_bandwidth);
+criterion_group!(benches, matvec, matvec_streaming, prefill_matmul, prefill_ffn, prefill_leftover, attention, memory_bandwidth);
 criterion_main!(benches);

@@ -203,19 +203,7 @@ fn fma(a: f32, b: f32, c: f32) -> f32 {
 /// q_b `[QB, hd]`, k_t `[hd, pp]`, s_b `[QB, pp]`.
 fn scores_tile(q_b: &[f32], hd: usize, k_t: &[f32], pp: usize, n_keys: usize, s_b: &mut [f32]) {
     for j0 in (0..n_keys).step_by(KEYS_PER_TILE) {
-        let mut acc = [[0f32; KEYS_PER_TILE]; QB];
-        for d in 0..hd {
-            let kr: &[f32; KEYS_PER_TILE] = k_t[d * pp + j0..d * pp + j0 + KEYS_PER_TILE].try_into().expect("tile");
-            for (r, a) in acc.iter_mut().enumerate() {
-                let x = q_b[r * hd + d];
-                for (a, k) in a.iter_mut().zip(kr) {
-                    *a = fma(x, *k, *a);
-                }
-            }
-        }
-        for (r, a) in acc.iter().enumerate() {
-            s_b[r * pp + j0..r * pp + j0 + KEYS_PER_TILE].copy_from_slice(a);
-        }
+        mac_tile::<KEYS_PER_TILE>(q_b, hd, k_t, pp, hd, j0, s_b);
     }
 }
 
@@ -228,11 +216,11 @@ fn values_tile(s_b: &[f32], pp: usize, v_h: &[f32], dp: usize, n_keys: usize, o_
     while c0 < dp {
         let nv = ((dp - c0) / DIMS_PER_TILE).min(MAX_VALUE_VECTORS);
         match nv {
-            5 => values_strip::<80>(s_b, pp, v_h, dp, n_keys, c0, o_b),
-            4 => values_strip::<64>(s_b, pp, v_h, dp, n_keys, c0, o_b),
-            3 => values_strip::<48>(s_b, pp, v_h, dp, n_keys, c0, o_b),
-            2 => values_strip::<32>(s_b, pp, v_h, dp, n_keys, c0, o_b),
-            _ => values_strip::<16>(s_b, pp, v_h, dp, n_keys, c0, o_b),
+            5 => mac_tile::<80>(s_b, pp, v_h, dp, n_keys, c0, o_b),
+            4 => mac_tile::<64>(s_b, pp, v_h, dp, n_keys, c0, o_b),
+            3 => mac_tile::<48>(s_b, pp, v_h, dp, n_keys, c0, o_b),
+            2 => mac_tile::<32>(s_b, pp, v_h, dp, n_keys, c0, o_b),
+            _ => mac_tile::<16>(s_b, pp, v_h, dp, n_keys, c0, o_b),
         }
         c0 += nv.max(1) * DIMS_PER_TILE;
     }
@@ -242,21 +230,24 @@ fn values_tile(s_b: &[f32], pp: usize, v_h: &[f32], dp: usize, n_keys: usize, o_
 /// plus 5 rows of V stay within AVX-512's 32 registers; head dims 64 and 80 are one strip.
 const MAX_VALUE_VECTORS: usize = 5;
 
-/// [`values_tile`] on columns `c0..c0 + W`.
+/// The register tile both kernels are made of: `c[r, c0..c0 + W] = Σ_{i < n} a[r, i] · b[i, c0..c0 + W]`
+/// for r < QB, with `a` `[QB, lda]`, `b` `[n, ldb]` and `c` `[QB, ldb]` row-major. Each `b` row is
+/// multiply-added into QB·W/16 accumulator vectors with `a`'s value broadcast: no sum is reduced
+/// across a vector.
 #[inline(always)]
-fn values_strip<const W: usize>(s_b: &[f32], pp: usize, v_h: &[f32], dp: usize, n_keys: usize, c0: usize, o_b: &mut [f32]) {
+fn mac_tile<const W: usize>(a: &[f32], lda: usize, b: &[f32], ldb: usize, n: usize, c0: usize, c: &mut [f32]) {
     let mut acc = [[0f32; W]; QB];
-    for j in 0..n_keys {
-        let vr: &[f32; W] = v_h[j * dp + c0..j * dp + c0 + W].try_into().expect("strip");
-        for (r, a) in acc.iter_mut().enumerate() {
-            let w = s_b[r * pp + j];
-            for (a, v) in a.iter_mut().zip(vr) {
-                *a = fma(w, *v, *a);
+    for i in 0..n {
+        let br: &[f32; W] = b[i * ldb + c0..i * ldb + c0 + W].try_into().expect("tile");
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let x = a[r * lda + i];
+            for (acc, y) in acc.iter_mut().zip(br) {
+                *acc = fma(x, *y, *acc);
             }
         }
     }
-    for (r, a) in acc.iter().enumerate() {
-        o_b[r * dp + c0..r * dp + c0 + W].copy_from_slice(a);
+    for (r, acc) in acc.iter().enumerate() {
+        c[r * ldb + c0..r * ldb + c0 + W].copy_from_slice(acc);
     }
 }
 

@@ -125,15 +125,15 @@ fn zeroed(out: &mut [MaybeUninit<f32>]) -> &mut [f32] {
 /// an FFN-sized weight, [`CHUNKED_MIN_ELEMS`], one ggml call per block; else one call for all
 /// blocks), then the rows left over in a call of their own, or on our kernel for one or two. ggml's
 /// q4_K AMX kernel pays for a partial 32-row block inside a call almost what a whole one costs, and
-/// more than in a call of its own: on 2048×5632, 38 rows in one call 2.48 ms against 32 + 6 in two
-/// calls 1.25 + 0.52 ms; 70 rows 3.64 ms against 64 + 6, 2.61 + 0.52 ms (throwaway timing loop from
-/// a worker, 2 threads; BENCHMARKS.md). A MoE expert's row count is rarely a multiple of 32.
+/// more than in a call of its own: on 2048×5632, 38 rows 2.25 ms in one call against 1.72 ms this
+/// way, 70 rows 3.33 against 2.83 ms (`cargo bench --bench kernels -- prefill_leftover`, 2 threads;
+/// BENCHMARKS.md). A MoE expert's row count is rarely a multiple of 32.
 pub fn gemm_packed(w: &PackedMat, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
     gemm_packed_uninit(w, x, as_uninit(out))
 }
 
 /// [`gemm_packed`] into a new `[T, N]` buffer, which is not zeroed first: every path writes all of
-/// it (a model's prefill otherwise spends ~1 % of its time in `memset` on outputs about to be
+/// it (a model's prefill otherwise spent ~1 % of its samples in `memset` on outputs about to be
 /// overwritten).
 pub fn gemm_packed_new(w: &PackedMat, x: &[f32]) -> Result<Vec<f32>, QuantError> {
     let k = w.n_cols;

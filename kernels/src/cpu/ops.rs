@@ -68,7 +68,7 @@ pub fn silu_mul_halves(h: &[f32], f: usize) -> Vec<f32> {
     out.par_chunks_mut(f).zip(h.par_chunks(2 * f)).for_each(|(o, row)| {
         let (g, u) = row.split_at(f);
         for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
-            *o = g / (1.0 + exp_f32(-g)) * u;
+            *o = silu(*g) * u;
         }
     });
     out
@@ -130,6 +130,13 @@ pub fn exp_f32(x: f32) -> f32 {
     p * f32::from_bits(t.to_bits().wrapping_add(127) << 23)
 }
 
+/// `v·σ(v)`, as `v / (1 + e^−v)` (one definition: [`activate`] and [`silu_mul_halves`] must agree bit
+/// for bit).
+#[inline(always)]
+fn silu(v: f32) -> f32 {
+    v / (1.0 + exp_f32(-v))
+}
+
 /// `f` on every element: monomorphised per activation so the loop inlines and vectorises.
 fn map_all(x: &mut [f32], f: impl Fn(f32) -> f32 + Sync + Send) {
     if x.len() >= 4096 {
@@ -148,7 +155,7 @@ pub fn activate(x: &mut [f32], a: Activation) {
             v / (1.0 + exp_f32(-2.0 * u))
         }),
         Activation::QuickGelu => map_all(x, |v| v / (1.0 + exp_f32(-1.702 * v))),
-        Activation::Silu => map_all(x, |v| v / (1.0 + exp_f32(-v))),
+        Activation::Silu => map_all(x, silu),
     }
 }
 

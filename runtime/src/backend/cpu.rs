@@ -5,6 +5,7 @@
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
+use moellava_kernels::cpu::packed::PackedMat;
 use moellava_kernels::cpu::{self, gemm, ops, Activation};
 
 use super::{AttnShape, Backend, KvType, RowMode};
@@ -56,7 +57,7 @@ impl Backend for CpuBackend {
 
     fn matmul(&self, x: &HostMat, w: &Weight) -> Result<HostMat> {
         let out = match w.packed() {
-            Some(p) => gemm::gemm_packed_new(p, &x.data)?, // not zeroed first: the kernels write it all
+            Some(p) => packed_matmul(p, x, RowMode::Sequence)?,
             None => {
                 let mut out = vec![0f32; x.rows() * w.rows];
                 cpu::matmul(w.mat(), &x.data, &mut out)?;
@@ -69,15 +70,14 @@ impl Backend for CpuBackend {
     fn matmul_per_row(&self, x: &HostMat, w: &Weight) -> Result<HostMat> {
         // Exactly what a single token gets from `matmul`: the packed kernel one row at a time, or one
         // ggml vec_dot per (weight row, token).
-        let mut out = vec![0f32; x.rows() * w.rows];
-        match w.packed() {
-            Some(p) => {
-                for (xr, o) in x.data.chunks(x.cols.max(1)).zip(out.chunks_mut(w.rows.max(1))) {
-                    gemm::gemm_packed(p, xr, o)?;
-                }
+        let out = match w.packed() {
+            Some(p) => packed_matmul(p, x, RowMode::Independent)?,
+            None => {
+                let mut out = vec![0f32; x.rows() * w.rows];
+                cpu::matmul_vec_dot(w.mat(), &x.data, &mut out)?;
+                out
             }
-            None => cpu::matmul_vec_dot(w.mat(), &x.data, &mut out)?,
-        }
+        };
         Ok(HostMat { data: out, cols: w.rows })
     }
 
@@ -103,16 +103,7 @@ impl Backend for CpuBackend {
         let Some((p, f)) = stacked.and_then(|s| Some((s.packed()?, s.rows()))) else {
             return super::gate_up_apart(self, x, gate, up, mode);
         };
-        let h = match mode {
-            RowMode::Sequence => gemm::gemm_packed_new(p, &x.data)?, // [T, 2F]
-            RowMode::Independent => {
-                let mut h = vec![0f32; x.rows() * 2 * f];
-                for (xr, o) in x.data.chunks(x.cols.max(1)).zip(h.chunks_mut(2 * f)) {
-                    gemm::gemm_packed(p, xr, o)?;
-                }
-                h
-            }
-        };
+        let h = packed_matmul(p, x, mode)?; // [T, 2F]
         Ok(HostMat { data: ops::silu_mul_halves(&h, f), cols: f })
     }
 
@@ -200,6 +191,22 @@ impl Backend for CpuBackend {
     fn zeros(&self, rows: usize, cols: usize) -> HostMat {
         HostMat { data: vec![0.0; rows * cols], cols }
     }
+}
+
+/// `x · Wᵀ` `[T, N]` on a repacked weight: all rows in one call (the output not zeroed first: the
+/// kernels write all of it), or ([`RowMode::Independent`]) one row at a time, exactly what a single
+/// token gets.
+fn packed_matmul(p: &PackedMat, x: &HostMat, mode: RowMode) -> Result<Vec<f32>> {
+    Ok(match mode {
+        RowMode::Sequence => gemm::gemm_packed_new(p, &x.data)?,
+        RowMode::Independent => {
+            let mut out = vec![0f32; x.rows() * p.n_rows];
+            for (xr, o) in x.data.chunks(x.cols.max(1)).zip(out.chunks_mut(p.n_rows.max(1))) {
+                gemm::gemm_packed(p, xr, o)?;
+            }
+            out
+        }
+    })
 }
 
 #[cfg(test)]

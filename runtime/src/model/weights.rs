@@ -112,12 +112,20 @@ impl Weight {
         cell.get_or_init(|| {
             // A failure (ggml could not allocate the copy) leaves the weight on the unpacked kernels.
             let p = packed::pack(self.mat()).ok().flatten();
-            if let (Some(_), Storage::Mapped(f)) = (&p, &self.storage) {
-                f.release(self.offset, self.len);
+            if p.is_some() {
+                self.release_mapped();
             }
             p
         })
         .as_ref()
+    }
+
+    /// Gives the mapped pages of the original bytes back once a repacked copy replaces them (a later
+    /// read maps them back from the file); nothing for a copy outside the map.
+    fn release_mapped(&self) {
+        if let Storage::Mapped(f) = &self.storage {
+            f.release(self.offset, self.len);
+        }
     }
 
     /// Byte range `(offset, len)` of the weight in the file (what the expert cache loads), or `None`
@@ -161,11 +169,8 @@ impl StackedPair {
                 let mat = QMatRef { data: &bytes, qtype: a.qtype, n_rows: a.rows + b.rows, n_cols: a.cols };
                 let p = packed::pack(mat).ok().flatten();
                 if p.is_some() {
-                    for w in [a, b] {
-                        if let Storage::Mapped(f) = &w.storage {
-                            f.release(w.offset, w.len);
-                        }
-                    }
+                    a.release_mapped();
+                    b.release_mapped();
                 }
                 p
             })
