@@ -97,11 +97,14 @@ fn cached_runs_equal_the_mapped_run_bit_for_bit() {
 }
 
 /// Logits of a q4-preset run with repacked mapped experts vs the same run from cache slots (file
-/// layout): the packed kernels round the activations to 8 bits their own way (AMX's q8_K) and sum in
-/// another order. Measured worst 7.9e-3 over the 8 steps (`cargo test --release --test expert_cache
-/// cached_runs -- --nocapture` prints it) (phi2; these small stablelm and qwen experts
-/// have no packed layout: 0); far inside the q4 preset's own error (Q4_PRESET_REL, 0.25, vs float64).
-const PACKED_VS_FILE_LAYOUT_REL: f32 = 2e-2;
+/// layout): the packed kernels round the activations their own way (one token: AMX's q8_K; from
+/// `gemm::AMX_BF16_MIN_ROWS` prompt tokens on a q4_K weight: weights and activations in bf16) and
+/// sum in another order. Measured worst 1.2e-2 (phi2), 2.0e-2 (stablelm) and 1.4e-2 (qwen) over
+/// the 8 steps (`cargo test --release --test expert_cache cached_runs -- --nocapture` prints it;
+/// 7.9e-3, 0 and 0 with ggml's q8_K prefill); far inside the q4 preset's own error
+/// (Q4_PRESET_REL, 0.25, vs float64), which bf16 prefill left as it was (0.131 → 0.126 worst in
+/// `model_parity`).
+const PACKED_VS_FILE_LAYOUT_REL: f32 = 5e-2;
 
 /// The values of a little-endian f32 `.npy` (version 1 header).
 fn npy_f32(bytes: &[u8]) -> Vec<f32> {

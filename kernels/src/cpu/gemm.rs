@@ -100,7 +100,7 @@ pub fn gemm(w: QMatRef, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
 }
 
 /// `out` seen as possibly-uninitialised floats, for the functions of this file that only write it.
-fn as_uninit(out: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+pub(crate) fn as_uninit(out: &mut [f32]) -> &mut [MaybeUninit<f32>] {
     // SAFETY: `MaybeUninit<f32>` has `f32`'s size and alignment. Everything that writes through this
     // view stores initialised floats (ggml's outputs, copies of them, zeros, our kernel's sums), so
     // `out` stays initialised for its owner.
@@ -120,14 +120,12 @@ fn zeroed(out: &mut [MaybeUninit<f32>]) -> &mut [f32] {
 /// A weight packed with padding rows ([`PackedMat::padded_rows`]) is multiplied in full; only its
 /// real columns reach `out`.
 ///
-/// A q4_K weight in the AMX layout: one or two tokens run our own kernel on the same bytes
-/// ([`super::q4k_matvec`]), one token at a time. More tokens: whole blocks of [`AMX_ROWS`] first (on
-/// an FFN-sized weight, [`CHUNKED_MIN_ELEMS`], one ggml call per block; else one call for all
-/// blocks), then the rows left over in a call of their own, or on our kernel for one or two. ggml's
-/// q4_K AMX kernel pays for a partial 32-row block inside a call almost what a whole one costs, and
-/// more than in a call of its own: on 2048×5632, 38 rows 2.25 ms in one call against 1.72 ms this
-/// way, 70 rows 3.33 against 2.83 ms (`cargo bench --bench kernels -- prefill_leftover`, 2 threads;
-/// BENCHMARKS.md). A MoE expert's row count is rarely a multiple of 32.
+/// A q4_K weight in the AMX layout runs our own kernels on the same bytes where they win: one or
+/// two tokens [`super::q4k_matvec`], one token at a time; from [`AMX_BF16_MIN_ROWS`] tokens on
+/// [`super::q4k_amx`] (weights dequantised to bf16 once per call, AMX bf16 tile products), about
+/// 2.3× ggml's q4_K AMX kernel at 128 tokens on an FFN-sized weight (`cargo bench --bench kernels
+/// -- prefill_ffn`; BENCHMARKS.md). Between the two, and where the CPU lacks AMX-BF16, ggml's
+/// kernel in whole 32-row blocks ([`own_q4k`]).
 pub fn gemm_packed(w: &PackedMat, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
     gemm_packed_uninit(w, x, as_uninit(out))
 }
@@ -146,7 +144,8 @@ pub fn gemm_packed_new(w: &PackedMat, x: &[f32]) -> Result<Vec<f32>, QuantError>
     gemm_packed_uninit(w, x, &mut out.spare_capacity_mut()[..len])?;
     // SAFETY: `gemm_packed_uninit` succeeded, and on success every path has written all `len`
     // outputs: ggml's `mul_mat` computes every element of its destination, the padded-rows path
-    // copies every kept column of every row, and rows for our kernel are zeroed before it sums.
+    // copies every kept column of every row, rows for our one-token kernel are zeroed before it
+    // sums, and `q4k_amx::matmul` copies every kept column of every row from its sums.
     unsafe { out.set_len(len) };
     Ok(out)
 }
@@ -155,6 +154,9 @@ fn gemm_packed_uninit(w: &PackedMat, x: &[f32], out: &mut [MaybeUninit<f32>]) ->
     let (k, n) = (w.n_cols, w.n_rows);
     if !uses_own_matvec(w) || k == 0 || n == 0 || !x.len().is_multiple_of(k) || out.len() != x.len() / k * n {
         return mul_mat(Src0::Packed(w), w.padded_rows, w.n_rows, w.n_cols, x, out);
+    }
+    if x.len() / k >= AMX_BF16_MIN_ROWS && super::q4k_amx::available() {
+        return super::q4k_amx::matmul(w.bytes(), w.padded_rows, k, n, x, out);
     }
     own_q4k(w, x, out, CHUNKED_MIN_ELEMS)
 }
@@ -197,6 +199,14 @@ pub const CHUNKED_MIN_ELEMS: usize = 16 << 20;
 /// once per token rather than one ggml call: on 10240×2560, 1 token 0.34 vs 0.45 ms, 2 tokens 0.81
 /// vs 0.99 ms, 3 tokens 1.20 vs 1.02 ms (the same throwaway loop).
 pub const OWN_KERNEL_MAX_ROWS: usize = 2;
+
+/// From this many tokens on, a q4_K AMX weight runs [`super::q4k_amx`] (weights dequantised once
+/// per call); below, ggml's kernel. Ours costs about the same from 1 to 16 tokens (0.67–0.71 ms on
+/// 2048×5632: the dequantisation and the weight's tile loads), ggml's grows per 32-row block: even
+/// at 16 and 20 tokens (0.71 vs 0.70, 0.90 vs 0.87 ms), ours ahead from 24 (0.94 vs 1.05), 32
+/// (1.05 vs 1.27) and 64 (1.28 vs 2.43 ms); ggml slightly ahead at 12 (0.73 vs 0.64). Same picture
+/// on 10240×2560 and 11264×2048 (a throwaway timing loop, aligned buffers, 2 threads; BENCHMARKS.md).
+pub const AMX_BF16_MIN_ROWS: usize = 16;
 
 /// Whether one token through `w` runs our kernel rather than ggml's.
 pub fn uses_own_matvec(w: &PackedMat) -> bool {

@@ -7,6 +7,7 @@ pub mod gemm;
 pub mod matmul;
 pub mod ops;
 pub mod packed;
+pub mod q4k_amx;
 pub mod q4k_matvec;
 
 pub use matmul::{get_rows, matmul, matmul_vec_dot, QMatRef};
