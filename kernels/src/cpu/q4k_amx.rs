@@ -250,6 +250,13 @@ mod x86 {
         }
         for nb in blocks {
             let nt = (n_tiles - 2 * nb).min(2);
+            let n0 = nb * BLOCK_N;
+            // token block m's sums go straight to the output on the last chunk when its tiles lie
+            // wholly inside it; the others (partial tiles) through `c` and a copy of their real part
+            let direct = |m: usize| {
+                let rows = (job.t_pad - m).min(2 * TILE_M);
+                m + rows <= job.t && n0 + nt * TILE_ROWS <= job.n_out
+            };
             for kb0 in (0..kb).step_by(CHUNK_BLOCKS) {
                 let cb = CHUNK_BLOCKS.min(kb - kb0);
                 for j in 0..nt {
@@ -266,21 +273,31 @@ mod x86 {
                     let cp = c[m * BLOCK_N..].as_mut_ptr();
                     let two_m = job.t_pad - m >= 2 * TILE_M;
                     let first = kb0 == 0;
-                    // SAFETY: A tiles of token tiles m/16 (and m/16 + 1) < t_pad/16, steps < K/32; B reads
-                    // `steps` tiles per n-tile of `b`; C rows m..m+32 < t_pad of `c` (stride 32 f32).
+                    let store = if kb0 + cb == kb && direct(m) {
+                        // SAFETY: rows m.. (16 or 32 of them, all < T) and columns n0..n0 + 16·nt
+                        // (≤ N_out) of the `[T, N_out]` output, which only this worker writes.
+                        (unsafe { job.out.0.add(m * job.n_out + n0) }, job.n_out)
+                    } else {
+                        (cp, BLOCK_N)
+                    };
+                    // SAFETY: A tiles of token tiles m/16 (and m/16 + 1) < t_pad/16, steps < K/32; B
+                    // reads `steps` tiles per n-tile of `b`; C rows m..m+32 < t_pad of `c` (stride
+                    // 32 f32); `store` as above.
                     unsafe {
                         match (two_m, nt == 2) {
-                            (true, true) => tile_block::<2, 2>(a, steps_total, b.as_ptr(), steps, cp, first),
-                            (true, false) => tile_block::<2, 1>(a, steps_total, b.as_ptr(), steps, cp, first),
-                            (false, true) => tile_block::<1, 2>(a, steps_total, b.as_ptr(), steps, cp, first),
-                            (false, false) => tile_block::<1, 1>(a, steps_total, b.as_ptr(), steps, cp, first),
+                            (true, true) => tile_block::<2, 2>(a, steps_total, b.as_ptr(), steps, cp, first, store),
+                            (true, false) => tile_block::<2, 1>(a, steps_total, b.as_ptr(), steps, cp, first, store),
+                            (false, true) => tile_block::<1, 2>(a, steps_total, b.as_ptr(), steps, cp, first, store),
+                            (false, false) => tile_block::<1, 1>(a, steps_total, b.as_ptr(), steps, cp, first, store),
                         }
                     }
                 }
             }
-            let n0 = nb * BLOCK_N;
             let width = BLOCK_N.min(job.n_out - n0);
             for (row, sums) in c.chunks_exact(BLOCK_N).take(job.t).enumerate() {
+                if direct(row / (2 * TILE_M) * 2 * TILE_M) {
+                    continue;
+                }
                 // SAFETY: row < T and columns n0..n0+width < N_out lie inside the `[T, N_out]`
                 // output; only this worker writes columns of block `nb`.
                 unsafe { std::ptr::copy_nonoverlapping(sums.as_ptr(), job.out.0.add(row * job.n_out + n0), width) };
@@ -297,7 +314,8 @@ mod x86 {
     /// # Safety
     /// Our tile configuration is loaded; `a` points at `steps` consecutive A tiles of a token tile,
     /// and (MT = 2) the next token tile's start `a_steps` tiles further; `b` holds 2 × CHUNK_STEPS B
-    /// tiles; `c` has MT·16 rows of 32 f32.
+    /// tiles; `c` has MT·16 rows of 32 f32 (the sums so far, read unless `first`); the sums are
+    /// stored at `store.0`, MT·16 rows of NT·16 f32 `store.1` floats apart.
     unsafe fn tile_block<const MT: usize, const NT: usize>(
         a: *const u16,
         a_steps: usize,
@@ -305,8 +323,12 @@ mod x86 {
         steps: usize,
         c: *mut f32,
         first: bool,
+        store: (*mut f32, usize),
     ) {
         let (sa, sc, sb) = (64usize, BLOCK_N * 4, 64usize);
+        let (d, sd) = (store.0, store.1 * 4);
+        let (d01, d10, d11) =
+            (d.wrapping_add(TILE_ROWS), d.wrapping_add(TILE_M * store.1), d.wrapping_add(TILE_M * store.1 + TILE_ROWS));
         let a1 = a.wrapping_add(a_steps * B_TILE);
         let b1 = b.wrapping_add(CHUNK_STEPS * B_TILE);
         let (c01, c10, c11) =
@@ -343,15 +365,15 @@ mod x86 {
                     asm!("tdpbf16ps tmm7, tmm1, tmm3", options(nostack));
                 }
             }
-            asm!("tilestored [{p} + {s}*1], tmm4", p = in(reg) c, s = in(reg) sc, options(nostack));
+            asm!("tilestored [{p} + {s}*1], tmm4", p = in(reg) d, s = in(reg) sd, options(nostack));
             if NT == 2 {
-                asm!("tilestored [{p} + {s}*1], tmm5", p = in(reg) c01, s = in(reg) sc, options(nostack));
+                asm!("tilestored [{p} + {s}*1], tmm5", p = in(reg) d01, s = in(reg) sd, options(nostack));
             }
             if MT == 2 {
-                asm!("tilestored [{p} + {s}*1], tmm6", p = in(reg) c10, s = in(reg) sc, options(nostack));
+                asm!("tilestored [{p} + {s}*1], tmm6", p = in(reg) d10, s = in(reg) sd, options(nostack));
             }
             if MT == 2 && NT == 2 {
-                asm!("tilestored [{p} + {s}*1], tmm7", p = in(reg) c11, s = in(reg) sc, options(nostack));
+                asm!("tilestored [{p} + {s}*1], tmm7", p = in(reg) d11, s = in(reg) sd, options(nostack));
             }
         }
     }
