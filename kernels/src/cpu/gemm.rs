@@ -122,9 +122,9 @@ fn zeroed(out: &mut [MaybeUninit<f32>]) -> &mut [f32] {
 ///
 /// A q4_K weight in the AMX layout runs our own kernels on the same bytes where they win: one or
 /// two tokens [`super::q4k_matvec`], one token at a time; from [`AMX_BF16_MIN_ROWS`] tokens on
-/// [`super::q4k_amx`] (weights dequantised to bf16 once per call, AMX bf16 tile products), about
-/// 2.3× ggml's q4_K AMX kernel at 128 tokens on an FFN-sized weight (`cargo bench --bench kernels
-/// -- prefill_ffn`; BENCHMARKS.md). Between the two, and where the CPU lacks AMX-BF16, ggml's
+/// [`super::q4k_amx`] (weights dequantised to bf16 once per call, AMX bf16 tile products), 2.9×
+/// ggml's q4_K AMX kernel at 128 tokens and 2.8× at 512 on an FFN-sized weight (`cargo bench
+/// --bench kernels -- prefill_ffn`; BENCHMARKS.md). Between the two, and where the CPU lacks AMX-BF16, ggml's
 /// kernel in whole 32-row blocks ([`own_q4k`]).
 pub fn gemm_packed(w: &PackedMat, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
     gemm_packed_uninit(w, x, as_uninit(out))
