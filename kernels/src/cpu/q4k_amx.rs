@@ -8,8 +8,9 @@
 //! bf16 (`d·scale·q − dmin·min`, rounded to nearest even), a few hundred columns at a time into a
 //! buffer that stays in L1, and every token block multiplies it with `TDPBF16PS`: the scales are in
 //! the weights, so a tile product covers a whole 32-value step and the four accumulator tiles stay
-//! in tile registers across the chunk. Activations are rounded to bf16 once per call (more precise
-//! than ggml's q8_K: 8 significant bits per value against 8 bits per 256-value block).
+//! in tile registers across the chunk. Activations are rounded to bf16 once per call (8 significant
+//! bits per value, where ggml's q8_K keeps 8 bits per 256-value block); with the weights rounded
+//! too, results differ from exact products about as much as ggml's do (tests; BENCHMARKS.md).
 //!
 //! The AMX instructions are written as inline assembly (Rust has no stable AMX intrinsics). Tile
 //! registers are per thread; ggml configures them once per thread and assumes they stay so, so each
@@ -115,9 +116,14 @@ pub fn matmul(
     let job = Job { packed, k, t, t_pad, a, n_out, out: OutPtr(out.as_mut_ptr() as *mut f32) };
     (0..n_blocks.div_ceil(per_thread)).into_par_iter().for_each(|w| {
         let blocks = w * per_thread..((w + 1) * per_thread).min(n_blocks);
+        #[cfg(target_arch = "x86_64")]
         // SAFETY: `available()` held above; each worker writes only the output columns of its own
         // blocks (disjoint ranges of `blocks`), so no two write the same element.
-        unsafe { x86::run_blocks(&job, blocks) };
+        unsafe {
+            x86::run_blocks(&job, blocks)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("available() is false off x86_64 ({blocks:?}, {})", job.k);
     });
     Ok(())
 }
@@ -207,6 +213,7 @@ mod x86 {
 
     /// Linux: ask for the AMX tile data state (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); process-wide,
     /// idempotent, and refused when the kernel does not support AMX.
+    #[cfg(target_os = "linux")]
     pub(super) fn request_tile_data() -> bool {
         const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
         const XFEATURE_XTILEDATA: libc::c_long = 18;
