@@ -6,8 +6,10 @@
 //! delivers them. ggml's one-token q4_K kernel consumes ~15 GiB/s per core even from L2 (BENCHMARKS.md,
 //! `matvec_l2`): its inner loop runs one dependent accumulator chain per 32 values and builds every
 //! activation broadcast with a lane permute. Here each 32-value group has two independent chains,
-//! broadcasts come straight from memory (a load, not a shuffle), and the next tiles are prefetched:
-//! ~48 GB/s per core from L2 (a throwaway loop; `matvec_l2` measures it with call overheads).
+//! broadcasts come straight from memory (a load, not a shuffle): ~48 GB/s per core from L2 (a
+//! throwaway loop; `matvec_l2` measures it with call overheads). From DRAM, each line read asks L2 for
+//! the same line [`PREFETCH_AHEAD`] bytes on, so memory and compute overlap (one core streams 0.95 of
+//! what a plain read of the same memory reaches).
 //!
 //! The layout (ggml-cpu amx/mmq.cpp, `pack_B` for block_q4_K; pinned with llama-cpp-sys-2, and the
 //! tests below compare with ggml's own kernel on it): 16 weight rows × 256 columns make a tile of
@@ -45,10 +47,13 @@ const OFF_DMIN: usize = OFF_D + 2 * TILE_ROWS;
 pub const TILE_BYTES: usize = OFF_DMIN + 2 * TILE_ROWS;
 /// q8_K block: d (f32), 256 int8 quants, 16 sums of 16 quants (i16).
 const Q8K_BYTES: usize = 4 + QK + 32;
-/// How far ahead of the tile being read the kernel asks for cache lines (decode reads each weight
-/// once per token, from DRAM). Measured with `matvec_streaming`: 0 to 16 tiles ahead all land within
-/// the run-to-run noise (13.5–15.8 GiB/s), 4 at the top; hints other than T0 no better, NTA half.
-const PREFETCH_AHEAD: usize = 4 * TILE_BYTES;
+/// How far ahead of the line being read the kernel asks for the same line of a later tile (decode
+/// reads each weight once per token, from DRAM). One prefetch per line read, into L2 (T1), spread
+/// through the loop: a burst of a whole tile's prefetches at its start filled the line-fill buffers
+/// that the loads of the current tile then waited for. Measured with `matvec_streaming` (BENCHMARKS.md):
+/// the burst of T0s 4 tiles ahead 16.3–18.5 GiB/s, spread T0s 20.2–21.2 at 1 to 8 tiles ahead,
+/// spread T1s 22.1 at 2 or 8; no prefetch 13.2.
+const PREFETCH_AHEAD: usize = 2 * TILE_BYTES;
 
 /// Whether this CPU runs the kernel (AVX512 F/BW and VNNI).
 pub fn available() -> bool {
@@ -132,7 +137,8 @@ mod x86 {
     pub(super) unsafe fn tile_dot(tile: *const u8, act: *const u8, bsum: *const i16, kb: usize, y: &mut [f32; TILE_ROWS]) {
         // SAFETY: (whole body) every pointer offset stays inside the ranges the caller guarantees:
         // tile bytes < kb·TILE_BYTES (the quants, scales, mins, d, dmin offsets of each tile), act
-        // bytes < kb·Q8K_BYTES, bsum < kb·8. Prefetches may point past the end; they never fault.
+        // bytes < kb·Q8K_BYTES, bsum < kb·8. Prefetch addresses may lie past the end (wrapping_add, never
+        // dereferenced; a prefetch never faults).
         // Unaligned loads are used throughout.
         unsafe {
             let low = _mm512_set1_epi8(0x0F);
@@ -141,15 +147,18 @@ mod x86 {
                 let b = tile.add(i * TILE_BYTES);
                 let a = act.add(i * Q8K_BYTES);
                 let ax = a.add(4);
-                for line in (0..TILE_BYTES).step_by(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(b.add(PREFETCH_AHEAD + line) as *const i8);
-                }
                 let d1 = _mm512_set1_ps((a as *const f32).read_unaligned());
                 let mut acc = _mm512_setzero_si512();
+                let ahead = b.wrapping_add(PREFETCH_AHEAD);
                 for g in 0..8 {
+                    // the tile's last 5 lines (scales, mins, d, dmin), one per group
+                    if OFF_SCALES + g * 64 < TILE_BYTES {
+                        _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(OFF_SCALES + g * 64) as *const i8);
+                    }
                     // two chains per group: low nibbles (values +0..4 of each 8) and high (+4..8)
                     let (mut s0, mut s1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
                     for q in 0..4 {
+                        _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add((4 * g + q) * 64) as *const i8);
                         let bytes = _mm512_loadu_si512(b.add((4 * g + q) * 64) as *const _);
                         let x0 = _mm512_set1_epi32((ax.add(32 * g + 8 * q) as *const i32).read_unaligned());
                         let x1 = _mm512_set1_epi32((ax.add(32 * g + 8 * q + 4) as *const i32).read_unaligned());
