@@ -121,7 +121,8 @@ fn zeroed(out: &mut [MaybeUninit<f32>]) -> &mut [f32] {
 /// real columns reach `out`.
 ///
 /// A q4_K weight in the AMX layout runs our own kernels on the same bytes where they win: one or
-/// two tokens [`super::q4k_matvec`], one token at a time; from [`AMX_BF16_MIN_ROWS`] tokens on
+/// two tokens [`super::q4k_matvec`], one token at a time (a q8_0 weight: one token,
+/// [`super::q8_0_matvec`]); from [`AMX_BF16_MIN_ROWS`] tokens on
 /// [`super::q4k_amx`] (weights dequantised to bf16 once per call, AMX bf16 tile products), 2.9×
 /// ggml's q4_K AMX kernel at 128 tokens and 2.8× at 512 on an FFN-sized weight (`cargo bench
 /// --bench kernels -- prefill_ffn`; BENCHMARKS.md). Between the two, and where the CPU lacks AMX-BF16, ggml's
@@ -155,10 +156,22 @@ fn gemm_packed_uninit(w: &PackedMat, x: &[f32], out: &mut [MaybeUninit<f32>]) ->
     if !uses_own_matvec(w) || k == 0 || n == 0 || !x.len().is_multiple_of(k) || out.len() != x.len() / k * n {
         return mul_mat(Src0::Packed(w), w.padded_rows, w.n_rows, w.n_cols, x, out);
     }
+    if w.qtype == QuantType::Q8_0 {
+        return own_q8_0(w, x, out);
+    }
     if x.len() / k >= AMX_BF16_MIN_ROWS && super::q4k_amx::available() {
         return super::q4k_amx::matmul(w.bytes(), w.padded_rows, k, n, x, out);
     }
     own_q4k(w, x, out, CHUNKED_MIN_ELEMS)
+}
+
+/// [`gemm_packed`] on a q8_0 AMX weight (checked by the caller): one token our kernel, more ggml's
+/// in one call (it reads each weight tile once for up to 32 tokens).
+fn own_q8_0(w: &PackedMat, x: &[f32], out: &mut [MaybeUninit<f32>]) -> Result<(), QuantError> {
+    if x.len() != w.n_cols {
+        return mul_mat(Src0::Packed(w), w.padded_rows, w.n_rows, w.n_cols, x, out);
+    }
+    super::q8_0_matvec::matvec(w.bytes(), w.padded_rows, x, zeroed(out))
 }
 
 /// [`gemm_packed`] on a q4_K AMX weight (checked by the caller), in [`AMX_ROWS`]-token calls from
@@ -210,7 +223,12 @@ pub const AMX_BF16_MIN_ROWS: usize = 16;
 
 /// Whether one token through `w` runs our kernel rather than ggml's.
 pub fn uses_own_matvec(w: &PackedMat) -> bool {
-    w.layout == "AMX" && w.qtype == QuantType::Q4_K && super::q4k_matvec::available()
+    w.layout == "AMX"
+        && match w.qtype {
+            QuantType::Q4_K => super::q4k_matvec::available(),
+            QuantType::Q8_0 => super::q8_0_matvec::available(),
+            _ => false,
+        }
 }
 
 /// [`gemm_packed`] always through ggml's kernel for the layout (benches and tests compare the two).
@@ -379,7 +397,7 @@ mod tests {
         let (n, k) = (64, 512);
         let wq = quant::quantize_rows_vec(QuantType::Q4_K, &signal(n * k, 0.37), k).unwrap();
         let w = QMatRef::new(&wq, QuantType::Q4_K, n, k).unwrap();
-        let Some(p) = super::super::packed::pack(w).unwrap().filter(uses_own_matvec) else {
+        let Some(p) = super::super::packed::pack(w).unwrap().filter(|p| uses_own_matvec(p) && p.qtype == QuantType::Q4_K) else {
             eprintln!("q4_K not in the AMX layout here: path not run");
             return;
         };
