@@ -5,7 +5,7 @@
 //! Why our own: from DRAM it streams no faster than ggml's kernel in isolation (`cargo bench --bench
 //! kernels -- matvec_streaming/q8_0`: 23.5 vs 23.1 GiB/s), but it runs on our own threads with no
 //! ggml graph around it, and in a whole model that is what counts: MoE Qwen's q8_0 expert
-//! down-projections (5504 columns, which q4_K cannot hold) decode 3–7 % faster (BENCHMARKS.md). From
+//! down-projections (5504 columns, which q4_K cannot hold) decode 3–8 % faster (BENCHMARKS.md). From
 //! L2 it consumes 2.3× what ggml's does (`matvec_l2/q8_0`). Like ggml's, it multiplies [`GROUP`] row
 //! tiles together so each activation broadcast is shared; like [`super::q4k_matvec`], each 64 bytes
 //! read ask L2 for the bytes [`PREFETCH_AHEAD`] on, and the activations are converted to unsigned
