@@ -111,7 +111,7 @@ pub fn attention_per_query<T: KvElem>(q: &[f32], k: &[T], v: &[T], s: AttnShape)
         softmax(&mut scores);
         for (j, w) in scores.iter().enumerate() {
             let vv = &v[j * kw + kvh * hd..j * kw + (kvh + 1) * hd];
-            o.iter_mut().zip(vv).for_each(|(a, b)| *a += w * b.widen());
+            T::axpy(o, *w, vv);
         }
     });
     out

@@ -209,11 +209,23 @@ pub fn softmax(row: &mut [f32]) {
 
 /// Scaled dot-product attention.
 ///
-/// A value read as f32 where it is used: f32 itself, or f16 (one `vcvtph2ps` per 8 values where F16C
-/// is compiled in). Widening inside a loop beats widening a short row into a buffer first, which
+/// A value read as f32 where it is used: f32 itself, or f16 (converted 16 at a time with AVX-512,
+/// else one by one). Widening inside a loop beats widening a short row into a buffer first, which
 /// costs more in calls than the arithmetic it feeds.
 pub trait Widen: Copy {
     fn widen(self) -> f32;
+
+    /// `Σ a[i]·b[i]` over the shorter of the two ([`dot_widen`]).
+    #[inline]
+    fn dot(a: &[f32], b: &[Self]) -> f32 {
+        dot_lanes(a, b)
+    }
+
+    /// `o[i] += w·b[i]` over the shorter of the two.
+    #[inline]
+    fn axpy(o: &mut [f32], w: f32, b: &[Self]) {
+        o.iter_mut().zip(b).for_each(|(a, v)| *a += w * v.widen());
+    }
 }
 
 impl Widen for f32 {
@@ -228,13 +240,129 @@ impl Widen for half::f16 {
     fn widen(self) -> f32 {
         self.to_f32()
     }
+
+    /// With AVX-512, 16 values per conversion and fused multiply-add ([`f16_simd`]): the one-token
+    /// attention reads the f16 KV cache through these two, and the generic loop converted 4 values
+    /// at a time.
+    #[inline]
+    fn dot(a: &[f32], b: &[Self]) -> f32 {
+        if f16_simd::available() {
+            return f16_simd::dot(a, b);
+        }
+        dot_lanes(a, b)
+    }
+
+    #[inline]
+    fn axpy(o: &mut [f32], w: f32, b: &[Self]) {
+        if f16_simd::available() {
+            return f16_simd::axpy(o, w, b);
+        }
+        o.iter_mut().zip(b).for_each(|(a, v)| *a += w * v.to_f32());
+    }
 }
 
-/// `Σ a[i]·b[i]`, `b` widened as it is read, in 16 independent f32 lanes (summed pairwise at the end),
-/// so the compiler can keep them in SIMD registers; a plain sequential sum cannot be vectorised
-/// without reassociation.
+/// AVX-512 dot product and axpy over f16 values (see [`Widen`]'s f16 impl).
+mod f16_simd {
+    /// Whether this CPU has AVX512F (conversion and FMA on 16 floats).
+    #[inline]
+    pub fn available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx512f")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
+    pub fn dot(a: &[f32], b: &[half::f16]) -> f32 {
+        let n = a.len().min(b.len());
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller checked `available()`; both slices hold at least `n` values.
+        unsafe {
+            x86::dot(a.as_ptr(), b.as_ptr().cast(), n)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        super::dot_lanes(&a[..n], &b[..n])
+    }
+
+    pub fn axpy(o: &mut [f32], w: f32, b: &[half::f16]) {
+        let n = o.len().min(b.len());
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller checked `available()`; both slices hold at least `n` values and `o`
+        // is borrowed mutably, so nothing else reads or writes it meanwhile.
+        unsafe {
+            x86::axpy(o.as_mut_ptr(), w, b.as_ptr().cast(), n)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        o[..n].iter_mut().zip(&b[..n]).for_each(|(a, v)| *a += w * v.to_f32());
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod x86 {
+        use std::arch::x86_64::*;
+
+        /// # Safety
+        /// AVX512F is available; `a` and `b` (f16 bits) point at `n` values each.
+        #[target_feature(enable = "avx512f")]
+        pub unsafe fn dot(a: *const f32, b: *const u16, n: usize) -> f32 {
+            // SAFETY: (whole body) every read is below index `n` of its operand.
+            unsafe {
+                let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                let mut i = 0;
+                while i + 32 <= n {
+                    let b0 = _mm512_cvtph_ps(_mm256_loadu_si256(b.add(i) as *const _));
+                    let b1 = _mm512_cvtph_ps(_mm256_loadu_si256(b.add(i + 16) as *const _));
+                    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a.add(i)), b0, acc0);
+                    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a.add(i + 16)), b1, acc1);
+                    i += 32;
+                }
+                if i + 16 <= n {
+                    let b0 = _mm512_cvtph_ps(_mm256_loadu_si256(b.add(i) as *const _));
+                    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a.add(i)), b0, acc0);
+                    i += 16;
+                }
+                let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+                while i < n {
+                    sum += a.add(i).read() * half::f16::from_bits(b.add(i).read()).to_f32();
+                    i += 1;
+                }
+                sum
+            }
+        }
+
+        /// # Safety
+        /// AVX512F is available; `o` and `b` (f16 bits) point at `n` values each, `o` writable.
+        #[target_feature(enable = "avx512f")]
+        pub unsafe fn axpy(o: *mut f32, w: f32, b: *const u16, n: usize) {
+            // SAFETY: (whole body) every access is below index `n` of its operand.
+            unsafe {
+                let vw = _mm512_set1_ps(w);
+                let mut i = 0;
+                while i + 16 <= n {
+                    let bv = _mm512_cvtph_ps(_mm256_loadu_si256(b.add(i) as *const _));
+                    _mm512_storeu_ps(o.add(i), _mm512_fmadd_ps(vw, bv, _mm512_loadu_ps(o.add(i))));
+                    i += 16;
+                }
+                while i < n {
+                    *o.add(i) += w * half::f16::from_bits(b.add(i).read()).to_f32();
+                    i += 1;
+                }
+            }
+        }
+    }
+}
+
+/// `Σ a[i]·b[i]`, `b` widened as it is read ([`Widen::dot`]).
 #[inline]
 pub fn dot_widen<T: Widen>(a: &[f32], b: &[T]) -> f32 {
+    T::dot(a, b)
+}
+
+/// [`dot_widen`]'s portable form: 16 independent f32 lanes (summed pairwise at the end), so the
+/// compiler can keep them in SIMD registers; a plain sequential sum cannot be vectorised without
+/// reassociation.
+#[inline]
+fn dot_lanes<T: Widen>(a: &[f32], b: &[T]) -> f32 {
     const LANES: usize = 16;
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
@@ -346,6 +474,9 @@ mod tests {
         assert!(mean.abs() < 1e-6 && (var - 1.0).abs() < 1e-5);
     }
 
+    /// One f32 rounding (a fused multiply-add may skip one of the scalar form's two).
+    const AXPY_TOL: f32 = 2.0 * f32::EPSILON;
+
     #[test]
     fn dot_widen_matches_f64_reference_at_every_length() {
         for n in [0usize, 1, 15, 16, 17, 64, 80, 129] {
@@ -358,6 +489,21 @@ mod tests {
             let b16: Vec<half::f16> = b.iter().map(|x| half::f16::from_f32(*x)).collect();
             let exact16: f64 = a.iter().zip(&b16).map(|(x, y)| *x as f64 * y.to_f64()).sum();
             assert!((dot_widen(&a, &b16) as f64 - exact16).abs() <= 1e-6 * scale, "f16 n={n}");
+        }
+    }
+
+    #[test]
+    fn axpy_matches_the_scalar_form_at_every_length() {
+        for n in [0usize, 1, 15, 16, 17, 64, 80, 129] {
+            let b: Vec<half::f16> = (0..n).map(|i| half::f16::from_f32((i as f32 * 0.3).cos())).collect();
+            let o0: Vec<f32> = (0..n).map(|i| (i as f32 * 0.7).sin()).collect();
+            let mut o = o0.clone();
+            half::f16::axpy(&mut o, 0.37, &b);
+            for i in 0..n {
+                // one fused multiply-add against a multiply then an add: at most one rounding apart
+                let want = o0[i] + 0.37 * b[i].to_f32();
+                assert!((o[i] - want).abs() <= AXPY_TOL * want.abs().max(1.0), "n={n} [{i}]: {} vs {want}", o[i]);
+            }
         }
     }
 }
