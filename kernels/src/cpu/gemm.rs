@@ -223,12 +223,7 @@ pub const AMX_BF16_MIN_ROWS: usize = 16;
 
 /// Whether one token through `w` runs our kernel rather than ggml's.
 pub fn uses_own_matvec(w: &PackedMat) -> bool {
-    w.layout == "AMX"
-        && match w.qtype {
-            QuantType::Q4_K => super::q4k_matvec::available(),
-            QuantType::Q8_0 => super::q8_0_matvec::available(),
-            _ => false,
-        }
+    w.layout == "AMX" && matches!(w.qtype, QuantType::Q4_K | QuantType::Q8_0) && super::row_tiles::vnni_available()
 }
 
 /// [`gemm_packed`] always through ggml's kernel for the layout (benches and tests compare the two).

@@ -10,6 +10,7 @@ pub mod packed;
 pub mod q4k_amx;
 pub mod q4k_matvec;
 pub mod q8_0_matvec;
+pub mod row_tiles;
 
 pub use matmul::{get_rows, matmul, matmul_vec_dot, QMatRef};
 pub use ops::Activation;

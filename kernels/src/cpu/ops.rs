@@ -207,8 +207,6 @@ pub fn softmax(row: &mut [f32]) {
     row.iter_mut().for_each(|v| *v *= inv);
 }
 
-/// Scaled dot-product attention.
-///
 /// A value read as f32 where it is used: f32 itself, or f16 (converted 16 at a time with AVX-512,
 /// else one by one). Widening inside a loop beats widening a short row into a buffer first, which
 /// costs more in calls than the arithmetic it feeds.

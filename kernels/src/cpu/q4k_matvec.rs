@@ -9,7 +9,8 @@
 //! broadcasts come straight from memory (a load, not a shuffle): ~48 GB/s per core from L2 (a
 //! throwaway loop; `matvec_l2` measures it with call overheads). From DRAM, each line read asks L2 for
 //! the same line [`PREFETCH_AHEAD`] bytes on, so memory and compute overlap (one core streams 0.95 of
-//! what a plain read of the same memory reaches).
+//! what a plain read of the same memory reaches: `RAYON_NUM_THREADS=1 cargo bench --bench kernels --
+//! "matvec_streaming/q4_k_AMX/|memory/"`).
 //!
 //! The layout (ggml-cpu amx/mmq.cpp, `pack_B` for block_q4_K; pinned with llama-cpp-sys-2, and the
 //! tests below compare with ggml's own kernel on it): 16 weight rows × 256 columns make a tile of
@@ -30,12 +31,10 @@
 //!
 //! Dims: K = n_cols (multiple of 256), N = rows of the packed tensor (multiple of 16), KB = K / 256.
 
-use rayon::prelude::*;
-
+pub use super::row_tiles::TILE_ROWS;
+use super::row_tiles::{checked, for_each_group};
 use crate::quant::{self, GgmlType, QuantError};
 
-/// Weight rows per tile.
-pub const TILE_ROWS: usize = 16;
 /// Values per q4_K / q8_K block (one tile's columns).
 const QK: usize = 256;
 const QS_BYTES: usize = QK / 2 * TILE_ROWS;
@@ -55,37 +54,13 @@ const Q8K_BYTES: usize = 4 + QK + 32;
 /// spread T1s 22.1 at 2 or 8; no prefetch 13.2.
 const PREFETCH_AHEAD: usize = 2 * TILE_BYTES;
 
-/// Whether this CPU runs the kernel (AVX512 F/BW and VNNI).
-pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
 /// `out[r] = Σ_k W[r, k] · x[k]` for the first `out.len()` of the `n_rows` rows of a q4_K weight in
 /// ggml's AMX layout (`packed` starts with its `n_rows / 16 · K / 256` tiles; a buffer may be longer).
 pub fn matvec(packed: &[u8], n_rows: usize, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
     let k = x.len();
-    if !available() {
-        return Err(QuantError::Unsupported { op: "q4_K AVX512-VNNI matvec (this CPU)", qtype: GgmlType::Q4_K });
-    }
-    if k == 0 || !k.is_multiple_of(QK) {
-        return Err(QuantError::RowLength { qtype: GgmlType::Q4_K, n_per_row: k, block_size: QK });
-    }
-    if !n_rows.is_multiple_of(TILE_ROWS) {
-        return Err(QuantError::Length { what: "packed rows (a multiple of 16)", expected: n_rows / 16 * 16, got: n_rows });
-    }
+    let (packed, tile_row_bytes) =
+        checked(GgmlType::Q4_K, "q4_K AVX512-VNNI matvec (this CPU)", packed, n_rows, k, out.len(), (QK, TILE_BYTES))?;
     let kb = k / QK;
-    let want = n_rows / TILE_ROWS * kb * TILE_BYTES;
-    let packed = packed.get(..want).ok_or(QuantError::Length { what: "packed q4_K bytes", expected: want, got: packed.len() })?;
-    if out.len() > n_rows {
-        return Err(QuantError::Length { what: "output values (at most the packed rows)", expected: n_rows, got: out.len() });
-    }
     // Activations in q8_K, and each block's 8 sums of 32 quants as i16 (what the mins multiply).
     let mut act = vec![0u8; kb * Q8K_BYTES];
     quant::quantize_activation(GgmlType::Q8_K, x, &mut act)?;
@@ -96,18 +71,10 @@ pub fn matvec(packed: &[u8], n_rows: usize, x: &[f32], out: &mut [f32]) -> Resul
             (0..8).map(move |g| s(2 * g) + s(2 * g + 1))
         })
         .collect();
-    // Contiguous runs of tiles, one per thread: each thread streams one region of the weight.
-    let n_tiles = out.len().div_ceil(TILE_ROWS);
-    let per_thread = n_tiles.div_ceil(rayon::current_num_threads().max(1)).max(1) * TILE_ROWS;
-    let tile_row_bytes = kb * TILE_BYTES;
-    out.par_chunks_mut(per_thread).enumerate().for_each(|(c, chunk)| {
-        let first_tile = c * per_thread / TILE_ROWS;
-        for (t, rows) in chunk.chunks_mut(TILE_ROWS).enumerate() {
-            let tile = &packed[(first_tile + t) * tile_row_bytes..(first_tile + t + 1) * tile_row_bytes];
-            let mut y = [0f32; TILE_ROWS];
-            tile_dot(tile, &act, &bsum32, &mut y);
-            rows.copy_from_slice(&y[..rows.len()]);
-        }
+    for_each_group(packed, tile_row_bytes, out, 1, |tile, rows| {
+        let mut y = [0f32; TILE_ROWS];
+        tile_dot(tile, &act, &bsum32, &mut y);
+        rows.copy_from_slice(&y[..rows.len()]);
     });
     Ok(())
 }
@@ -117,8 +84,9 @@ fn tile_dot(tile: &[u8], act: &[u8], bsum32: &[i16], y: &mut [f32; TILE_ROWS]) {
     let kb = act.len() / Q8K_BYTES;
     assert!(tile.len() == kb * TILE_BYTES && bsum32.len() == kb * 8, "tile / activation sizes");
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: `matvec` (the only caller) checked `available()`, i.e. the CPU has every feature the
-    // function is compiled for; the lengths its raw reads rely on were asserted just above.
+    // SAFETY: `matvec` (the only caller) checked `vnni_available()` (in `row_tiles::checked`), i.e.
+    // the CPU has every feature the function is compiled for; the lengths its raw reads rely on were
+    // asserted just above.
     unsafe {
         x86::tile_dot(tile.as_ptr(), act.as_ptr(), bsum32.as_ptr(), kb, y)
     }
@@ -187,11 +155,8 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::gemm::{gemm_packed, gemm_packed_ggml, uses_own_matvec};
-    use super::super::matmul::{matmul_vec_dot, QMatRef};
-    use super::super::packed::pack;
+    use super::super::row_tiles::{testing, vnni_available};
     use super::*;
-    use crate::cpu::test_signal as signal;
     use crate::QuantType;
 
     /// Same integer sums as ggml's kernel and the same float steps per block; only the activation
@@ -201,52 +166,16 @@ mod tests {
     /// Against `vec_dot` (another summation order, same quantised values).
     const VEC_DOT_REL_TOL: f32 = 1e-4;
 
-    fn weights(n: usize, k: usize) -> Vec<u8> {
-        // rows of very different magnitude and offset: scales and mins over their whole 6-bit range
-        let mut f = signal(n * k, 0.37);
-        f.iter_mut().enumerate().for_each(|(i, v)| *v = *v * (1.0 + (i / 97 % 13) as f32) + ((i / 331) % 7) as f32 * 0.3);
-        quant::quantize_rows_vec(QuantType::Q4_K, &f, k).unwrap()
-    }
-
-    fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
-        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-        assert!(scale > 0.0, "{what}: all-zero reference");
-        for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!((x - y).abs() <= tol * scale, "{what} [{i}]: {x} vs {y} (scale {scale})");
-        }
-    }
-
     #[test]
     fn matches_ggmls_kernel_and_vec_dot_on_the_same_packed_bytes() {
-        if !available() {
-            eprintln!("no AVX512-VNNI: kernel not run on this CPU");
-            return;
-        }
         // 70 rows: padded to 128 (partial last tile dropped); 2560 columns: Phi-2's hidden size
-        for (n, k) in [(64, 512), (32, 2560), (70, 256), (160, 1024)] {
-            let wq = weights(n, k);
-            let w = QMatRef::new(&wq, QuantType::Q4_K, n, k).unwrap();
-            let Some(p) = pack(w).unwrap() else {
-                eprintln!("q4_K: no packed layout on this CPU");
-                return;
-            };
-            if !uses_own_matvec(&p) {
-                eprintln!("q4_K packed as {}: not the AMX layout, kernel not run", p.layout);
-                return;
-            }
-            let x = signal(k, 0.11).iter().map(|v| v * 3.0 - 0.5).collect::<Vec<f32>>();
-            let (mut ours, mut theirs, mut rows) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-            gemm_packed(&p, &x, &mut ours).unwrap();
-            gemm_packed_ggml(&p, &x, &mut theirs).unwrap();
-            matmul_vec_dot(w, &x, &mut rows).unwrap();
-            assert_close(&ours, &theirs, SAME_KERNEL_REL_TOL, &format!("{n}x{k} vs ggml's AMX kernel"));
-            assert_close(&ours, &rows, VEC_DOT_REL_TOL, &format!("{n}x{k} vs vec_dot"));
-        }
+        let shapes = [(64, 512), (32, 2560), (70, 256), (160, 1024)];
+        testing::against_ggml_and_vec_dot(QuantType::Q4_K, &shapes, SAME_KERNEL_REL_TOL, VEC_DOT_REL_TOL);
     }
 
     #[test]
     fn wrong_shapes_are_refused() {
-        if !available() {
+        if !vnni_available() {
             return;
         }
         let packed = vec![0u8; 2 * TILE_BYTES];

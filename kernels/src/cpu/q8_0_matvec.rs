@@ -30,12 +30,9 @@
 //!
 //! Dims: K = n_cols (multiple of 32), N = rows of the packed tensor (multiple of 16), KB = K / 32.
 
-use rayon::prelude::*;
-
+use super::row_tiles::{checked, for_each_group, TILE_ROWS};
 use crate::quant::{self, GgmlType, QuantError};
 
-/// Weight rows per tile.
-pub const TILE_ROWS: usize = 16;
 /// Values per q8_0 block (one tile's columns).
 const QK: usize = 32;
 const OFF_D: usize = QK * TILE_ROWS;
@@ -49,37 +46,13 @@ const Q8_0_BYTES: usize = 2 + QK;
 /// 22.0–22.4, no prefetch 20.9.
 const PREFETCH_AHEAD: usize = 4 * TILE_BYTES;
 
-/// Whether this CPU runs the kernel (AVX512 F/BW and VNNI).
-pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
 /// `out[r] = Σ_k W[r, k] · x[k]` for the first `out.len()` of the `n_rows` rows of a q8_0 weight in
 /// ggml's AMX layout (`packed` starts with its `n_rows / 16 · K / 32` tiles; a buffer may be longer).
 pub fn matvec(packed: &[u8], n_rows: usize, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
     let k = x.len();
-    if !available() {
-        return Err(QuantError::Unsupported { op: "q8_0 AVX512-VNNI matvec (this CPU)", qtype: GgmlType::Q8_0 });
-    }
-    if k == 0 || !k.is_multiple_of(QK) {
-        return Err(QuantError::RowLength { qtype: GgmlType::Q8_0, n_per_row: k, block_size: QK });
-    }
-    if !n_rows.is_multiple_of(TILE_ROWS) {
-        return Err(QuantError::Length { what: "packed rows (a multiple of 16)", expected: n_rows / 16 * 16, got: n_rows });
-    }
+    let (packed, tile_row_bytes) =
+        checked(GgmlType::Q8_0, "q8_0 AVX512-VNNI matvec (this CPU)", packed, n_rows, k, out.len(), (QK, TILE_BYTES))?;
     let kb = k / QK;
-    let want = n_rows / TILE_ROWS * kb * TILE_BYTES;
-    let packed = packed.get(..want).ok_or(QuantError::Length { what: "packed q8_0 bytes", expected: want, got: packed.len() })?;
-    if out.len() > n_rows {
-        return Err(QuantError::Length { what: "output values (at most the packed rows)", expected: n_rows, got: out.len() });
-    }
     // Activations in q8_0, then split: the quants offset by 128 (unsigned, what VNNI multiplies) and
     // each block's scale as f32.
     let mut act = vec![0u8; kb * Q8_0_BYTES];
@@ -90,20 +63,10 @@ pub fn matvec(packed: &[u8], n_rows: usize, x: &[f32], out: &mut [f32]) -> Resul
         *d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
         q.iter_mut().zip(&b[2..]).for_each(|(u, s)| *u = s ^ 0x80);
     }
-    // Contiguous runs of tiles, one per thread: each thread streams one region of the weight.
-    let n_tiles = out.len().div_ceil(TILE_ROWS);
-    let per_thread = n_tiles.div_ceil(rayon::current_num_threads().max(1)).max(1) * TILE_ROWS;
-    let tile_row_bytes = kb * TILE_BYTES;
-    out.par_chunks_mut(per_thread).enumerate().for_each(|(c, chunk)| {
-        let first_tile = c * per_thread / TILE_ROWS;
-        for (g, rows) in chunk.chunks_mut(TILE_ROWS * GROUP).enumerate() {
-            let t0 = first_tile + g * GROUP;
-            let nt = rows.len().div_ceil(TILE_ROWS);
-            let tiles = &packed[t0 * tile_row_bytes..(t0 + nt) * tile_row_bytes];
-            let mut y = [0f32; TILE_ROWS * GROUP];
-            tile_dot(tiles, nt, &quants, &scales, &mut y);
-            rows.copy_from_slice(&y[..rows.len()]);
-        }
+    for_each_group(packed, tile_row_bytes, out, GROUP, |tiles, rows| {
+        let mut y = [0f32; TILE_ROWS * GROUP];
+        tile_dot(tiles, rows.len().div_ceil(TILE_ROWS), &quants, &scales, &mut y);
+        rows.copy_from_slice(&y[..rows.len()]);
     });
     Ok(())
 }
@@ -120,8 +83,9 @@ fn tile_dot(tiles: &[u8], nt: usize, quants: &[u8], scales: &[f32], y: &mut [f32
         "tile / activation sizes"
     );
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: `matvec` (the only caller) checked `available()`, i.e. the CPU has every feature the
-    // function is compiled for; the lengths its raw reads rely on were asserted just above.
+    // SAFETY: `matvec` (the only caller) checked `vnni_available()` (in `row_tiles::checked`), i.e.
+    // the CPU has every feature the function is compiled for; the lengths its raw reads rely on were
+    // asserted just above.
     unsafe {
         let (t, q, s) = (tiles.as_ptr(), quants.as_ptr(), scales.as_ptr());
         match nt {
@@ -186,11 +150,8 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::gemm::{gemm_packed, gemm_packed_ggml, uses_own_matvec};
-    use super::super::matmul::{matmul_vec_dot, QMatRef};
-    use super::super::packed::pack;
+    use super::super::row_tiles::{testing, vnni_available};
     use super::*;
-    use crate::cpu::test_signal as signal;
     use crate::QuantType;
 
     /// The same integer sums as ggml's kernel, the same activation quantiser and the same float
@@ -199,53 +160,17 @@ mod tests {
     /// Against `vec_dot` (another summation order over the same quantised values).
     const VEC_DOT_REL_TOL: f32 = 1e-5;
 
-    fn weights(n: usize, k: usize) -> Vec<u8> {
-        // rows of very different magnitude and sign balance: d over a wide range, compensation ≠ 0
-        let mut f = signal(n * k, 0.37);
-        f.iter_mut().enumerate().for_each(|(i, v)| *v = *v * (1.0 + (i / 97 % 13) as f32) + ((i / 331) % 7) as f32 * 0.3);
-        quant::quantize_rows_vec(QuantType::Q8_0, &f, k).unwrap()
-    }
-
-    fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
-        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-        assert!(scale > 0.0, "{what}: all-zero reference");
-        for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!((x - y).abs() <= tol * scale, "{what} [{i}]: {x} vs {y} (scale {scale})");
-        }
-    }
-
     #[test]
     fn matches_ggmls_kernel_and_vec_dot_on_the_same_packed_bytes() {
-        if !available() {
-            eprintln!("no AVX512-VNNI: kernel not run on this CPU");
-            return;
-        }
         // 70 rows: padded to 80 (partial last tile dropped); 5504 columns: Qwen-1.8B-4e's expert
         // width, which q4_K cannot hold (not a multiple of 256)
-        for (n, k) in [(64, 512), (32, 2560), (70, 96), (48, 5504)] {
-            let wq = weights(n, k);
-            let w = QMatRef::new(&wq, QuantType::Q8_0, n, k).unwrap();
-            let Some(p) = pack(w).unwrap() else {
-                eprintln!("q8_0: no packed layout on this CPU");
-                return;
-            };
-            if !uses_own_matvec(&p) {
-                eprintln!("q8_0 packed as {}: not the AMX layout, kernel not run", p.layout);
-                return;
-            }
-            let x = signal(k, 0.11).iter().map(|v| v * 3.0 - 0.5).collect::<Vec<f32>>();
-            let (mut ours, mut theirs, mut rows) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-            gemm_packed(&p, &x, &mut ours).unwrap();
-            gemm_packed_ggml(&p, &x, &mut theirs).unwrap();
-            matmul_vec_dot(w, &x, &mut rows).unwrap();
-            assert_close(&ours, &theirs, SAME_KERNEL_REL_TOL, &format!("{n}x{k} vs ggml's AMX kernel"));
-            assert_close(&ours, &rows, VEC_DOT_REL_TOL, &format!("{n}x{k} vs vec_dot"));
-        }
+        let shapes = [(64, 512), (32, 2560), (70, 96), (48, 5504)];
+        testing::against_ggml_and_vec_dot(QuantType::Q8_0, &shapes, SAME_KERNEL_REL_TOL, VEC_DOT_REL_TOL);
     }
 
     #[test]
     fn wrong_shapes_are_refused() {
-        if !available() {
+        if !vnni_available() {
             return;
         }
         let packed = vec![0u8; 2 * TILE_BYTES];

@@ -1,0 +1,133 @@
+//! What our one-token kernels on ggml's AMX layouts share ([`super::q4k_matvec`],
+//! [`super::q8_0_matvec`]): the CPU check, the shape checks, and the split of the weight's rows of
+//! tiles over the threads. Each kernel brings only its tile arithmetic.
+//!
+//! Dims: K = n_cols, N = rows of the packed tensor (multiple of [`TILE_ROWS`]); a "row of tiles" is
+//! 16 weight rows × K, stored contiguously (`tile_row_bytes`), tiles row-tile-major.
+
+use rayon::prelude::*;
+
+use crate::quant::{GgmlType, QuantError};
+
+/// Weight rows per tile, in every AMX layout.
+pub const TILE_ROWS: usize = 16;
+
+/// Whether this CPU has what the one-token kernels use (AVX512 F/BW and VNNI).
+pub fn vnni_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The shape of one token through a packed weight of `qtype` (K = `k` columns in blocks of `qk`,
+/// `tile_bytes` per 16 × `qk` tile), checked: the packed bytes the kernel may read (`packed` may be
+/// longer) and the bytes of one row of tiles.
+pub(crate) fn checked<'a>(
+    qtype: GgmlType,
+    op: &'static str,
+    packed: &'a [u8],
+    n_rows: usize,
+    k: usize,
+    out_len: usize,
+    (qk, tile_bytes): (usize, usize),
+) -> Result<(&'a [u8], usize), QuantError> {
+    if !vnni_available() {
+        return Err(QuantError::Unsupported { op, qtype });
+    }
+    if k == 0 || !k.is_multiple_of(qk) {
+        return Err(QuantError::RowLength { qtype, n_per_row: k, block_size: qk });
+    }
+    if !n_rows.is_multiple_of(TILE_ROWS) {
+        return Err(QuantError::Length { what: "packed rows (a multiple of 16)", expected: n_rows / 16 * 16, got: n_rows });
+    }
+    let tile_row_bytes = k / qk * tile_bytes;
+    let want = n_rows / TILE_ROWS * tile_row_bytes;
+    let packed =
+        packed.get(..want).ok_or(QuantError::Length { what: "packed weight bytes", expected: want, got: packed.len() })?;
+    if out_len > n_rows {
+        return Err(QuantError::Length { what: "output values (at most the packed rows)", expected: n_rows, got: out_len });
+    }
+    Ok((packed, tile_row_bytes))
+}
+
+/// Calls `f(tiles, rows)` for consecutive groups of up to `group` rows of tiles, `tiles` holding
+/// the group's bytes and `rows` its outputs (the last group may be short, its last tile partly
+/// kept). Contiguous runs of groups, one per thread: each thread streams one region of the weight.
+pub(crate) fn for_each_group(
+    packed: &[u8],
+    tile_row_bytes: usize,
+    out: &mut [f32],
+    group: usize,
+    f: impl Fn(&[u8], &mut [f32]) + Sync,
+) {
+    let group_rows = TILE_ROWS * group;
+    let n_groups = out.len().div_ceil(group_rows);
+    let per_thread = n_groups.div_ceil(rayon::current_num_threads().max(1)).max(1) * group_rows;
+    out.par_chunks_mut(per_thread).enumerate().for_each(|(c, chunk)| {
+        for (g, rows) in chunk.chunks_mut(group_rows).enumerate() {
+            let first = (c * per_thread + g * group_rows) / TILE_ROWS;
+            let n_tiles = rows.len().div_ceil(TILE_ROWS);
+            f(&packed[first * tile_row_bytes..(first + n_tiles) * tile_row_bytes], rows);
+        }
+    });
+}
+
+/// The kernels' shared test: ours against ggml's kernel and `vec_dot` on the same packed bytes.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::super::gemm::{gemm_packed, gemm_packed_ggml, uses_own_matvec};
+    use super::super::matmul::{matmul_vec_dot, QMatRef};
+    use super::super::packed::pack;
+    use crate::cpu::test_signal as signal;
+    use crate::{quant, QuantType};
+
+    /// Rows of very different magnitude and offset: block scales (and q4_K's mins) over their
+    /// whole range, q8_0's compensation ≠ 0.
+    fn weights(q: QuantType, n: usize, k: usize) -> Vec<u8> {
+        let mut f = signal(n * k, 0.37);
+        f.iter_mut().enumerate().for_each(|(i, v)| *v = *v * (1.0 + (i / 97 % 13) as f32) + ((i / 331) % 7) as f32 * 0.3);
+        quant::quantize_rows_vec(q, &f, k).unwrap()
+    }
+
+    fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(scale > 0.0, "{what}: all-zero reference");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= tol * scale, "{what} [{i}]: {x} vs {y} (scale {scale})");
+        }
+    }
+
+    /// One token through `gemm_packed` (which picks our kernel) against ggml's kernel within
+    /// `ggml_tol` and against `vec_dot` within `vec_dot_tol`, both relative to the largest output,
+    /// for each `(n, k)`. Skips, saying why, where the CPU or layout does not run our kernel.
+    pub(crate) fn against_ggml_and_vec_dot(q: QuantType, shapes: &[(usize, usize)], ggml_tol: f32, vec_dot_tol: f32) {
+        if !super::vnni_available() {
+            eprintln!("no AVX512-VNNI: {q} kernel not run on this CPU");
+            return;
+        }
+        for &(n, k) in shapes {
+            let wq = weights(q, n, k);
+            let w = QMatRef::new(&wq, q, n, k).unwrap();
+            let Some(p) = pack(w).unwrap() else {
+                eprintln!("{q}: no packed layout on this CPU");
+                return;
+            };
+            if !uses_own_matvec(&p) {
+                eprintln!("{q} packed as {}: not the AMX layout, kernel not run", p.layout);
+                return;
+            }
+            let x = signal(k, 0.11).iter().map(|v| v * 3.0 - 0.5).collect::<Vec<f32>>();
+            let (mut ours, mut theirs, mut rows) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+            gemm_packed(&p, &x, &mut ours).unwrap();
+            gemm_packed_ggml(&p, &x, &mut theirs).unwrap();
+            matmul_vec_dot(w, &x, &mut rows).unwrap();
+            assert_close(&ours, &theirs, ggml_tol, &format!("{q} {n}x{k} vs ggml's AMX kernel"));
+            assert_close(&ours, &rows, vec_dot_tol, &format!("{q} {n}x{k} vs vec_dot"));
+        }
+    }
+}
