@@ -126,7 +126,9 @@ fn zeroed(out: &mut [MaybeUninit<f32>]) -> &mut [f32] {
 /// [`super::q4k_amx`] (weights dequantised to bf16 once per call, AMX bf16 tile products), 2.9×
 /// ggml's q4_K AMX kernel at 128 tokens and 2.8× at 512 on an FFN-sized weight (`cargo bench
 /// --bench kernels -- prefill_ffn`; BENCHMARKS.md). Between the two, and where the CPU lacks AMX-BF16, ggml's
-/// kernel in whole 32-row blocks ([`own_q4k`]).
+/// kernel in whole 32-row blocks ([`own_q4k`]). A q4_K or q4_0 weight in the interleaved 8-row layout
+/// (AVX2 CPUs without AMX) runs [`super::q4k_x8_matvec`] or [`super::q4_0_x8_matvec`] for one token,
+/// ggml's GEMM for more.
 pub fn gemm_packed(w: &PackedMat, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
     gemm_packed_uninit(w, x, as_uninit(out))
 }
@@ -155,6 +157,17 @@ fn gemm_packed_uninit(w: &PackedMat, x: &[f32], out: &mut [MaybeUninit<f32>]) ->
     let (k, n) = (w.n_cols, w.n_rows);
     if !uses_own_matvec(w) || k == 0 || n == 0 || !x.len().is_multiple_of(k) || out.len() != x.len() / k * n {
         return mul_mat(Src0::Packed(w), w.padded_rows, w.n_rows, w.n_cols, x, out);
+    }
+    if w.layout == INTERLEAVED {
+        // one token our AVX2 kernel; more, ggml's interleaved GEMM (it reads each weight block once
+        // for 4 tokens)
+        if x.len() != k {
+            return mul_mat(Src0::Packed(w), w.padded_rows, n, k, x, out);
+        }
+        return match w.qtype {
+            QuantType::Q4_0 => super::q4_0_x8_matvec::matvec(w.bytes(), w.padded_rows, x, zeroed(out)),
+            _ => super::q4k_x8_matvec::matvec(w.bytes(), w.padded_rows, x, zeroed(out)),
+        };
     }
     if w.qtype == QuantType::Q8_0 {
         return own_q8_0(w, x, out);
@@ -221,9 +234,18 @@ pub const OWN_KERNEL_MAX_ROWS: usize = 2;
 /// on 10240×2560 and 11264×2048 (a throwaway timing loop, aligned buffers, 2 threads; BENCHMARKS.md).
 pub const AMX_BF16_MIN_ROWS: usize = 16;
 
-/// Whether one token through `w` runs our kernel rather than ggml's.
+/// ggml's name of its interleaved layouts' buffer type (`block_q4_Kx8` and kin, on AVX2 CPUs).
+const INTERLEAVED: &str = "CPU_REPACK";
+
+/// Whether one token through `w` runs our kernel rather than ggml's: q4_K and q8_0 in the AMX layout
+/// (AVX512-VNNI), q4_K and q4_0 in the interleaved 8-row one (AVX2).
 pub fn uses_own_matvec(w: &PackedMat) -> bool {
-    w.layout == "AMX" && matches!(w.qtype, QuantType::Q4_K | QuantType::Q8_0) && super::row_tiles::vnni_available()
+    use super::row_tiles::{avx2_available, vnni_available};
+    match (w.layout, w.qtype) {
+        ("AMX", QuantType::Q4_K | QuantType::Q8_0) => vnni_available(),
+        (INTERLEAVED, QuantType::Q4_K | QuantType::Q4_0) => avx2_available(),
+        _ => false,
+    }
 }
 
 /// [`gemm_packed`] always through ggml's kernel for the layout (benches and tests compare the two).

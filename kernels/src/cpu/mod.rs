@@ -7,8 +7,10 @@ pub mod gemm;
 pub mod matmul;
 pub mod ops;
 pub mod packed;
+pub mod q4_0_x8_matvec;
 pub mod q4k_amx;
 pub mod q4k_matvec;
+pub mod q4k_x8_matvec;
 pub mod q8_0_matvec;
 pub mod row_tiles;
 

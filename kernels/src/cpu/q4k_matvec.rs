@@ -32,7 +32,7 @@
 //! Dims: K = n_cols (multiple of 256), N = rows of the packed tensor (multiple of 16), KB = K / 256.
 
 pub use super::row_tiles::TILE_ROWS;
-use super::row_tiles::{checked, for_each_group};
+use super::row_tiles::{checked, for_each_group, vnni_available, Tiling};
 use crate::quant::{self, GgmlType, QuantError};
 
 /// Values per q4_K / q8_K block (one tile's columns).
@@ -44,6 +44,7 @@ const OFF_D: usize = OFF_MINS + 8 * TILE_ROWS;
 const OFF_DMIN: usize = OFF_D + 2 * TILE_ROWS;
 /// Bytes of one 16-row × 256-column tile.
 pub const TILE_BYTES: usize = OFF_DMIN + 2 * TILE_ROWS;
+const TILING: Tiling = Tiling { rows: TILE_ROWS, qk: QK, bytes: TILE_BYTES };
 /// q8_K block: d (f32), 256 int8 quants, 16 sums of 16 quants (i16).
 const Q8K_BYTES: usize = 4 + QK + 32;
 /// How far ahead of the line being read the kernel asks for the same line of a later tile (decode
@@ -59,7 +60,7 @@ const PREFETCH_AHEAD: usize = 2 * TILE_BYTES;
 pub fn matvec(packed: &[u8], n_rows: usize, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
     let k = x.len();
     let (packed, tile_row_bytes) =
-        checked(GgmlType::Q4_K, "q4_K AVX512-VNNI matvec (this CPU)", packed, n_rows, k, out.len(), (QK, TILE_BYTES))?;
+        checked(GgmlType::Q4_K, "q4_K AVX512-VNNI matvec (this CPU)", vnni_available(), packed, n_rows, k, out.len(), TILING)?;
     let kb = k / QK;
     // Activations in q8_K, and each block's 8 sums of 32 quants as i16 (what the mins multiply).
     let mut act = vec![0u8; kb * Q8K_BYTES];
@@ -71,7 +72,7 @@ pub fn matvec(packed: &[u8], n_rows: usize, x: &[f32], out: &mut [f32]) -> Resul
             (0..8).map(move |g| s(2 * g) + s(2 * g + 1))
         })
         .collect();
-    for_each_group(packed, tile_row_bytes, out, 1, |tile, rows| {
+    for_each_group(packed, TILE_ROWS, tile_row_bytes, out, 1, |tile, rows| {
         let mut y = [0f32; TILE_ROWS];
         tile_dot(tile, &act, &bsum32, &mut y);
         rows.copy_from_slice(&y[..rows.len()]);
@@ -155,7 +156,7 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::row_tiles::{testing, vnni_available};
+    use super::super::row_tiles::testing;
     use super::*;
     use crate::QuantType;
 
@@ -170,7 +171,7 @@ mod tests {
     fn matches_ggmls_kernel_and_vec_dot_on_the_same_packed_bytes() {
         // 70 rows: padded to 128 (partial last tile dropped); 2560 columns: Phi-2's hidden size
         let shapes = [(64, 512), (32, 2560), (70, 256), (160, 1024)];
-        testing::against_ggml_and_vec_dot(QuantType::Q4_K, &shapes, SAME_KERNEL_REL_TOL, VEC_DOT_REL_TOL);
+        testing::against_ggml_and_vec_dot(QuantType::Q4_K, "AMX", &shapes, SAME_KERNEL_REL_TOL, VEC_DOT_REL_TOL);
     }
 
     #[test]

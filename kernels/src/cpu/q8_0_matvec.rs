@@ -30,7 +30,7 @@
 //!
 //! Dims: K = n_cols (multiple of 32), N = rows of the packed tensor (multiple of 16), KB = K / 32.
 
-use super::row_tiles::{checked, for_each_group, TILE_ROWS};
+use super::row_tiles::{checked, for_each_group, vnni_available, Tiling, TILE_ROWS};
 use crate::quant::{self, GgmlType, QuantError};
 
 /// Values per q8_0 block (one tile's columns).
@@ -39,6 +39,7 @@ const OFF_D: usize = QK * TILE_ROWS;
 const OFF_COMP: usize = OFF_D + 2 * TILE_ROWS;
 /// Bytes of one 16-row × 32-column tile.
 pub const TILE_BYTES: usize = OFF_COMP + 4 * TILE_ROWS;
+const TILING: Tiling = Tiling { rows: TILE_ROWS, qk: QK, bytes: TILE_BYTES };
 /// q8_0 block: d (f16), 32 int8 quants.
 const Q8_0_BYTES: usize = 2 + QK;
 /// How far ahead of the bytes being read, in each row of tiles, the kernel asks L2 for more.
@@ -51,7 +52,7 @@ const PREFETCH_AHEAD: usize = 4 * TILE_BYTES;
 pub fn matvec(packed: &[u8], n_rows: usize, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
     let k = x.len();
     let (packed, tile_row_bytes) =
-        checked(GgmlType::Q8_0, "q8_0 AVX512-VNNI matvec (this CPU)", packed, n_rows, k, out.len(), (QK, TILE_BYTES))?;
+        checked(GgmlType::Q8_0, "q8_0 AVX512-VNNI matvec (this CPU)", vnni_available(), packed, n_rows, k, out.len(), TILING)?;
     let kb = k / QK;
     // Activations in q8_0, then split: the quants offset by 128 (unsigned, what VNNI multiplies) and
     // each block's scale as f32.
@@ -63,7 +64,7 @@ pub fn matvec(packed: &[u8], n_rows: usize, x: &[f32], out: &mut [f32]) -> Resul
         *d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
         q.iter_mut().zip(&b[2..]).for_each(|(u, s)| *u = s ^ 0x80);
     }
-    for_each_group(packed, tile_row_bytes, out, GROUP, |tiles, rows| {
+    for_each_group(packed, TILE_ROWS, tile_row_bytes, out, GROUP, |tiles, rows| {
         let mut y = [0f32; TILE_ROWS * GROUP];
         tile_dot(tiles, rows.len().div_ceil(TILE_ROWS), &quants, &scales, &mut y);
         rows.copy_from_slice(&y[..rows.len()]);
@@ -150,7 +151,7 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::row_tiles::{testing, vnni_available};
+    use super::super::row_tiles::testing;
     use super::*;
     use crate::QuantType;
 
@@ -165,7 +166,7 @@ mod tests {
         // 70 rows: padded to 80 (partial last tile dropped); 5504 columns: Qwen-1.8B-4e's expert
         // width, which q4_K cannot hold (not a multiple of 256)
         let shapes = [(64, 512), (32, 2560), (70, 96), (48, 5504)];
-        testing::against_ggml_and_vec_dot(QuantType::Q8_0, &shapes, SAME_KERNEL_REL_TOL, VEC_DOT_REL_TOL);
+        testing::against_ggml_and_vec_dot(QuantType::Q8_0, "AMX", &shapes, SAME_KERNEL_REL_TOL, VEC_DOT_REL_TOL);
     }
 
     #[test]

@@ -1,9 +1,11 @@
-//! What our one-token kernels on ggml's AMX layouts share ([`super::q4k_matvec`],
-//! [`super::q8_0_matvec`]): the CPU check, the shape checks, and the split of the weight's rows of
-//! tiles over the threads. Each kernel brings only its tile arithmetic.
+//! What our one-token kernels on ggml's packed layouts share ([`super::q4k_matvec`] and
+//! [`super::q8_0_matvec`] on the AMX layout, [`super::q4k_x8_matvec`] on the interleaved one): the CPU
+//! checks, the shape checks, and the split of the weight's rows of tiles over the threads. Each kernel
+//! brings only its tile arithmetic.
 //!
-//! Dims: K = n_cols, N = rows of the packed tensor (multiple of [`TILE_ROWS`]); a "row of tiles" is
-//! 16 weight rows × K, stored contiguously (`tile_row_bytes`), tiles row-tile-major.
+//! Dims: K = n_cols, N = rows of the packed tensor (a multiple of the layout's [`Tiling::rows`]); a
+//! "row of tiles" is `rows` weight rows × K, stored contiguously (`tile_row_bytes`), tiles
+//! row-tile-major.
 
 use rayon::prelude::*;
 
@@ -12,7 +14,18 @@ use crate::quant::{GgmlType, QuantError};
 /// Weight rows per tile, in every AMX layout.
 pub const TILE_ROWS: usize = 16;
 
-/// Whether this CPU has what the one-token kernels use (AVX512 F/BW and VNNI).
+/// How one packed layout cuts a weight into tiles, as a kernel reads them.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Tiling {
+    /// Weight rows per tile (16 in the AMX layouts, 8 in the interleaved ones).
+    pub rows: usize,
+    /// Columns per tile: the block size of the type.
+    pub qk: usize,
+    /// Bytes of one tile.
+    pub bytes: usize,
+}
+
+/// Whether this CPU has what the one-token kernels on the AMX layouts use (AVX512 F/BW and VNNI).
 pub fn vnni_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -24,29 +37,45 @@ pub fn vnni_available() -> bool {
     false
 }
 
-/// The shape of one token through a packed weight of `qtype` (K = `k` columns in blocks of `qk`,
-/// `tile_bytes` per 16 × `qk` tile), checked: the packed bytes the kernel may read (`packed` may be
-/// longer) and the bytes of one row of tiles.
+/// Whether this CPU has what the one-token kernels on the interleaved layouts use (AVX2, FMA, F16C).
+pub fn avx2_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The shape of one token through a packed weight of `qtype` (K = `k` columns, cut as `tiling`
+/// says), checked, and the CPU too (`cpu_ok`: the kernel's feature check): the packed bytes the kernel
+/// may read (`packed` may be longer) and the bytes of one row of tiles.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn checked<'a>(
     qtype: GgmlType,
     op: &'static str,
+    cpu_ok: bool,
     packed: &'a [u8],
     n_rows: usize,
     k: usize,
     out_len: usize,
-    (qk, tile_bytes): (usize, usize),
+    tiling: Tiling,
 ) -> Result<(&'a [u8], usize), QuantError> {
-    if !vnni_available() {
+    let Tiling { rows, qk, bytes } = tiling;
+    if !cpu_ok {
         return Err(QuantError::Unsupported { op, qtype });
     }
     if k == 0 || !k.is_multiple_of(qk) {
         return Err(QuantError::RowLength { qtype, n_per_row: k, block_size: qk });
     }
-    if !n_rows.is_multiple_of(TILE_ROWS) {
-        return Err(QuantError::Length { what: "packed rows (a multiple of 16)", expected: n_rows / 16 * 16, got: n_rows });
+    if !n_rows.is_multiple_of(rows) {
+        let what = if rows == TILE_ROWS { "packed rows (a multiple of 16)" } else { "packed rows (a multiple of 8)" };
+        return Err(QuantError::Length { what, expected: n_rows / rows * rows, got: n_rows });
     }
-    let tile_row_bytes = k / qk * tile_bytes;
-    let want = n_rows / TILE_ROWS * tile_row_bytes;
+    let tile_row_bytes = k / qk * bytes;
+    let want = n_rows / rows * tile_row_bytes;
     let packed =
         packed.get(..want).ok_or(QuantError::Length { what: "packed weight bytes", expected: want, got: packed.len() })?;
     if out_len > n_rows {
@@ -55,23 +84,25 @@ pub(crate) fn checked<'a>(
     Ok((packed, tile_row_bytes))
 }
 
-/// Calls `f(tiles, rows)` for consecutive groups of up to `group` rows of tiles, `tiles` holding
-/// the group's bytes and `rows` its outputs (the last group may be short, its last tile partly
-/// kept). Contiguous runs of groups, one per thread: each thread streams one region of the weight.
+/// Calls `f(tiles, rows)` for consecutive groups of up to `group` rows of tiles (`tile_rows` weight
+/// rows each), `tiles` holding the group's bytes and `rows` its outputs (the last group may be
+/// short, its last tile partly kept). Contiguous runs of groups, one per thread: each thread streams
+/// one region of the weight.
 pub(crate) fn for_each_group(
     packed: &[u8],
+    tile_rows: usize,
     tile_row_bytes: usize,
     out: &mut [f32],
     group: usize,
     f: impl Fn(&[u8], &mut [f32]) + Sync,
 ) {
-    let group_rows = TILE_ROWS * group;
+    let group_rows = tile_rows * group;
     let n_groups = out.len().div_ceil(group_rows);
     let per_thread = n_groups.div_ceil(rayon::current_num_threads().max(1)).max(1) * group_rows;
     out.par_chunks_mut(per_thread).enumerate().for_each(|(c, chunk)| {
         for (g, rows) in chunk.chunks_mut(group_rows).enumerate() {
-            let first = (c * per_thread + g * group_rows) / TILE_ROWS;
-            let n_tiles = rows.len().div_ceil(TILE_ROWS);
+            let first = (c * per_thread + g * group_rows) / tile_rows;
+            let n_tiles = rows.len().div_ceil(tile_rows);
             f(&packed[first * tile_row_bytes..(first + n_tiles) * tile_row_bytes], rows);
         }
     });
@@ -104,12 +135,15 @@ pub(crate) mod testing {
 
     /// One token through `gemm_packed` (which picks our kernel) against ggml's kernel within
     /// `ggml_tol` and against `vec_dot` within `vec_dot_tol`, both relative to the largest output,
-    /// for each `(n, k)`. Skips, saying why, where the CPU or layout does not run our kernel.
-    pub(crate) fn against_ggml_and_vec_dot(q: QuantType, shapes: &[(usize, usize)], ggml_tol: f32, vec_dot_tol: f32) {
-        if !super::vnni_available() {
-            eprintln!("no AVX512-VNNI: {q} kernel not run on this CPU");
-            return;
-        }
+    /// for each `(n, k)`. Skips, saying why, where the CPU does not pack `q` into `layout` or does not
+    /// run our kernel on it.
+    pub(crate) fn against_ggml_and_vec_dot(
+        q: QuantType,
+        layout: &str,
+        shapes: &[(usize, usize)],
+        ggml_tol: f32,
+        vec_dot_tol: f32,
+    ) {
         for &(n, k) in shapes {
             let wq = weights(q, n, k);
             let w = QMatRef::new(&wq, q, n, k).unwrap();
@@ -117,8 +151,8 @@ pub(crate) mod testing {
                 eprintln!("{q}: no packed layout on this CPU");
                 return;
             };
-            if !uses_own_matvec(&p) {
-                eprintln!("{q} packed as {}: not the AMX layout, kernel not run", p.layout);
+            if p.layout != layout || !uses_own_matvec(&p) {
+                eprintln!("{q} packed as {} on this CPU, our kernel for {layout} not run", p.layout);
                 return;
             }
             let x = signal(k, 0.11).iter().map(|v| v * 3.0 - 0.5).collect::<Vec<f32>>();
@@ -126,7 +160,7 @@ pub(crate) mod testing {
             gemm_packed(&p, &x, &mut ours).unwrap();
             gemm_packed_ggml(&p, &x, &mut theirs).unwrap();
             matmul_vec_dot(w, &x, &mut rows).unwrap();
-            assert_close(&ours, &theirs, ggml_tol, &format!("{q} {n}x{k} vs ggml's AMX kernel"));
+            assert_close(&ours, &theirs, ggml_tol, &format!("{q} {n}x{k} vs ggml's {layout} kernel"));
             assert_close(&ours, &rows, vec_dot_tol, &format!("{q} {n}x{k} vs vec_dot"));
         }
     }
