@@ -239,116 +239,28 @@ impl Widen for half::f16 {
         self.to_f32()
     }
 
-    /// With AVX-512, 16 values per conversion and fused multiply-add ([`f16_simd`]): the one-token
-    /// attention reads the f16 KV cache through these two, and the generic loop converted 4 values
-    /// at a time.
+    /// With AVX-512 16 values per conversion and fused multiply-add, with AVX2 + F16C 8
+    /// ([`f16_simd`]): the one-token attention reads the f16 KV cache through these two, and the
+    /// generic loop converted 4 values at a time.
     #[inline]
     fn dot(a: &[f32], b: &[Self]) -> f32 {
-        if f16_simd::available() {
-            return f16_simd::dot(a, b);
+        if let Some(width) = f16_simd::best() {
+            return f16_simd::dot(width, a, b);
         }
         dot_lanes(a, b)
     }
 
     #[inline]
     fn axpy(o: &mut [f32], w: f32, b: &[Self]) {
-        if f16_simd::available() {
-            return f16_simd::axpy(o, w, b);
+        if let Some(width) = f16_simd::best() {
+            return f16_simd::axpy(width, o, w, b);
         }
         o.iter_mut().zip(b).for_each(|(a, v)| *a += w * v.to_f32());
     }
 }
 
-/// AVX-512 dot product and axpy over f16 values (see [`Widen`]'s f16 impl).
-mod f16_simd {
-    /// Whether this CPU has AVX512F (conversion and FMA on 16 floats).
-    #[inline]
-    pub fn available() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::arch::is_x86_feature_detected!("avx512f")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        false
-    }
-
-    pub fn dot(a: &[f32], b: &[half::f16]) -> f32 {
-        let n = a.len().min(b.len());
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the caller checked `available()`; both slices hold at least `n` values.
-        unsafe {
-            x86::dot(a.as_ptr(), b.as_ptr().cast(), n)
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        super::dot_lanes(&a[..n], &b[..n])
-    }
-
-    pub fn axpy(o: &mut [f32], w: f32, b: &[half::f16]) {
-        let n = o.len().min(b.len());
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the caller checked `available()`; both slices hold at least `n` values and `o`
-        // is borrowed mutably, so nothing else reads or writes it meanwhile.
-        unsafe {
-            x86::axpy(o.as_mut_ptr(), w, b.as_ptr().cast(), n)
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        o[..n].iter_mut().zip(&b[..n]).for_each(|(a, v)| *a += w * v.to_f32());
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    mod x86 {
-        use std::arch::x86_64::*;
-
-        /// # Safety
-        /// AVX512F is available; `a` and `b` (f16 bits) point at `n` values each.
-        #[target_feature(enable = "avx512f")]
-        pub unsafe fn dot(a: *const f32, b: *const u16, n: usize) -> f32 {
-            // SAFETY: (whole body) every read is below index `n` of its operand.
-            unsafe {
-                let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-                let mut i = 0;
-                while i + 32 <= n {
-                    let b0 = _mm512_cvtph_ps(_mm256_loadu_si256(b.add(i) as *const _));
-                    let b1 = _mm512_cvtph_ps(_mm256_loadu_si256(b.add(i + 16) as *const _));
-                    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a.add(i)), b0, acc0);
-                    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a.add(i + 16)), b1, acc1);
-                    i += 32;
-                }
-                if i + 16 <= n {
-                    let b0 = _mm512_cvtph_ps(_mm256_loadu_si256(b.add(i) as *const _));
-                    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a.add(i)), b0, acc0);
-                    i += 16;
-                }
-                let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-                while i < n {
-                    sum += a.add(i).read() * half::f16::from_bits(b.add(i).read()).to_f32();
-                    i += 1;
-                }
-                sum
-            }
-        }
-
-        /// # Safety
-        /// AVX512F is available; `o` and `b` (f16 bits) point at `n` values each, `o` writable.
-        #[target_feature(enable = "avx512f")]
-        pub unsafe fn axpy(o: *mut f32, w: f32, b: *const u16, n: usize) {
-            // SAFETY: (whole body) every access is below index `n` of its operand.
-            unsafe {
-                let vw = _mm512_set1_ps(w);
-                let mut i = 0;
-                while i + 16 <= n {
-                    let bv = _mm512_cvtph_ps(_mm256_loadu_si256(b.add(i) as *const _));
-                    _mm512_storeu_ps(o.add(i), _mm512_fmadd_ps(vw, bv, _mm512_loadu_ps(o.add(i))));
-                    i += 16;
-                }
-                while i < n {
-                    *o.add(i) += w * half::f16::from_bits(b.add(i).read()).to_f32();
-                    i += 1;
-                }
-            }
-        }
-    }
-}
+/// f16 dot product and axpy in SIMD registers (AVX-512, or AVX2 + F16C).
+mod f16_simd;
 
 /// `Σ a[i]·b[i]`, `b` widened as it is read ([`Widen::dot`]).
 #[inline]
@@ -477,7 +389,7 @@ mod tests {
 
     #[test]
     fn dot_widen_matches_f64_reference_at_every_length() {
-        for n in [0usize, 1, 15, 16, 17, 64, 80, 129] {
+        for n in [0usize, 1, 7, 8, 9, 15, 16, 17, 64, 80, 129] {
             let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.7).sin()).collect();
             let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.3).cos()).collect();
             let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
@@ -487,20 +399,31 @@ mod tests {
             let b16: Vec<half::f16> = b.iter().map(|x| half::f16::from_f32(*x)).collect();
             let exact16: f64 = a.iter().zip(&b16).map(|(x, y)| *x as f64 * y.to_f64()).sum();
             assert!((dot_widen(&a, &b16) as f64 - exact16).abs() <= 1e-6 * scale, "f16 n={n}");
+            for width in f16_simd::supported() {
+                let got = f16_simd::dot(width, &a, &b16) as f64;
+                assert!((got - exact16).abs() <= 1e-6 * scale, "f16 {width:?} n={n}");
+            }
         }
     }
 
     #[test]
     fn axpy_matches_the_scalar_form_at_every_length() {
-        for n in [0usize, 1, 15, 16, 17, 64, 80, 129] {
+        for n in [0usize, 1, 7, 8, 9, 15, 16, 17, 64, 80, 129] {
             let b: Vec<half::f16> = (0..n).map(|i| half::f16::from_f32((i as f32 * 0.3).cos())).collect();
             let o0: Vec<f32> = (0..n).map(|i| (i as f32 * 0.7).sin()).collect();
-            let mut o = o0.clone();
-            half::f16::axpy(&mut o, 0.37, &b);
-            for i in 0..n {
-                // one fused multiply-add against a multiply then an add: at most one rounding apart
-                let want = o0[i] + 0.37 * b[i].to_f32();
-                assert!((o[i] - want).abs() <= AXPY_TOL * want.abs().max(1.0), "n={n} [{i}]: {} vs {want}", o[i]);
+            let mut outs = vec![("dispatch".to_string(), o0.clone())];
+            half::f16::axpy(&mut outs[0].1, 0.37, &b);
+            for width in f16_simd::supported() {
+                let mut o = o0.clone();
+                f16_simd::axpy(width, &mut o, 0.37, &b);
+                outs.push((format!("{width:?}"), o));
+            }
+            for (what, o) in &outs {
+                for i in 0..n {
+                    // one fused multiply-add against a multiply then an add: at most one rounding apart
+                    let want = o0[i] + 0.37 * b[i].to_f32();
+                    assert!((o[i] - want).abs() <= AXPY_TOL * want.abs().max(1.0), "{what} n={n} [{i}]: {} vs {want}", o[i]);
+                }
             }
         }
     }

@@ -85,9 +85,9 @@ fn tile_dot(tile: &[u8], act: &[u8], bsum32: &[i16], y: &mut [f32; TILE_ROWS]) {
     let kb = act.len() / Q8K_BYTES;
     assert!(tile.len() == kb * TILE_BYTES && bsum32.len() == kb * 8, "tile / activation sizes");
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: `matvec` (the only caller) checked `vnni_available()` (in `row_tiles::checked`), i.e.
-    // the CPU has every feature the function is compiled for; the lengths its raw reads rely on were
-    // asserted just above.
+    // SAFETY: `matvec` (the only caller) passed `vnni_available()` to `row_tiles::checked`, which
+    // refuses when it is false, i.e. the CPU has every feature the function is compiled for; the
+    // lengths its raw reads rely on were asserted just above.
     unsafe {
         x86::tile_dot(tile.as_ptr(), act.as_ptr(), bsum32.as_ptr(), kb, y)
     }

@@ -84,9 +84,9 @@ fn tile_dot(tiles: &[u8], nt: usize, quants: &[u8], scales: &[f32], y: &mut [f32
         "tile / activation sizes"
     );
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: `matvec` (the only caller) checked `vnni_available()` (in `row_tiles::checked`), i.e.
-    // the CPU has every feature the function is compiled for; the lengths its raw reads rely on were
-    // asserted just above.
+    // SAFETY: `matvec` (the only caller) passed `vnni_available()` to `row_tiles::checked`, which
+    // refuses when it is false, i.e. the CPU has every feature the function is compiled for; the
+    // lengths its raw reads rely on were asserted just above.
     unsafe {
         let (t, q, s) = (tiles.as_ptr(), quants.as_ptr(), scales.as_ptr());
         match nt {
