@@ -1,7 +1,7 @@
 //! What our one-token kernels on ggml's packed layouts share ([`super::q4k_matvec`] and
-//! [`super::q8_0_matvec`] on the AMX layout, [`super::q4k_x8_matvec`] on the interleaved one): the CPU
-//! checks, the shape checks, and the split of the weight's rows of tiles over the threads. Each kernel
-//! brings only its tile arithmetic.
+//! [`super::q8_0_matvec`] on the AMX layout, [`super::q4k_x8_matvec`] and [`super::q4_0_x8_matvec`]
+//! on the interleaved one): the CPU checks, the shape checks, and the split of the weight's rows of
+//! tiles over the threads. Each kernel brings only its tile arithmetic.
 //!
 //! Dims: K = n_cols, N = rows of the packed tensor (a multiple of the layout's [`Tiling::rows`]); a
 //! "row of tiles" is `rows` weight rows × K, stored contiguously (`tile_row_bytes`), tiles
