@@ -414,7 +414,7 @@ mod tests {
         let (n, k) = (64, 512);
         let wq = quant::quantize_rows_vec(QuantType::Q4_K, &signal(n * k, 0.37), k).unwrap();
         let w = QMatRef::new(&wq, QuantType::Q4_K, n, k).unwrap();
-        let Some(p) = super::super::packed::pack(w).unwrap().filter(|p| uses_own_matvec(p) && p.qtype == QuantType::Q4_K) else {
+        let Some(p) = super::super::packed::pack(w).unwrap().filter(|p| uses_own_matvec(p) && p.layout == "AMX") else {
             eprintln!("q4_K not in the AMX layout here: path not run");
             return;
         };

@@ -283,7 +283,8 @@ mod tests {
                 gemm_packed(&p, &x, &mut a).unwrap();
                 matmul_vec_dot(w, &x, &mut b).unwrap();
                 let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-                if crate::cpu::gemm::uses_own_matvec(&p) && q == QuantType::Q4_K && t >= crate::cpu::gemm::AMX_BF16_MIN_ROWS {
+                let bf16_path = p.layout == "AMX" && crate::cpu::q4k_amx::available();
+                if bf16_path && q == QuantType::Q4_K && t >= crate::cpu::gemm::AMX_BF16_MIN_ROWS {
                     let mut deq = vec![0f32; n * k];
                     quant::dequantize_rows(q, &wq, &mut deq).unwrap();
                     let exact = |i: usize| (0..k).map(|j| deq[i % n * k + j] as f64 * x[i / n * k + j] as f64).sum::<f64>();
