@@ -3,7 +3,8 @@
 //! accumulates ("elements") for the prefill matmul and attention (compute-bound). Where the CPU has a
 //! repacked layout for a type (AMX, interleaved), its kernel is measured beside the plain one
 //! (`matvec/q4_k_AMX/…`, `prefill_matmul/packed_AMX/…`); where our own one-token kernel replaces
-//! ggml's on that layout (q4_K), ggml's is measured beside it (`…_AMX_ggml`).
+//! ggml's on that layout (q4_K and q8_0 on AMX, q4_K and q4_0 on the interleaved `CPU_REPACK`),
+//! ggml's is measured beside it (`…_AMX_ggml`, `…_CPU_REPACK_ggml`).
 //!
 //!   cargo bench --bench kernels                 # all
 //!   cargo bench --bench kernels -- matvec/q4_k  # one group/type

@@ -158,15 +158,6 @@ mod tests {
 
     #[test]
     fn wrong_shapes_are_refused() {
-        if !avx2_available() {
-            return;
-        }
-        let packed = vec![0u8; 2 * TILE_BYTES];
-        let x = vec![0.5f32; 64];
-        assert!(matvec(&packed, 8, &x, &mut [0f32; 8]).is_ok());
-        assert!(matvec(&packed, 8, &x[..40], &mut [0f32; 8]).is_err(), "K not a multiple of 32");
-        assert!(matvec(&packed, 12, &x, &mut [0f32; 8]).is_err(), "rows not a multiple of 8");
-        assert!(matvec(&packed[1..], 8, &x, &mut [0f32; 8]).is_err(), "short packed bytes");
-        assert!(matvec(&packed, 8, &x, &mut [0f32; 9]).is_err(), "more outputs than rows");
+        testing::refuses_wrong_shapes(matvec, TILING, avx2_available());
     }
 }

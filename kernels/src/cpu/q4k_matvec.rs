@@ -32,8 +32,8 @@
 //! Dims: K = n_cols (multiple of 256), N = rows of the packed tensor (multiple of 16), KB = K / 256.
 
 pub use super::row_tiles::TILE_ROWS;
-use super::row_tiles::{checked, for_each_group, vnni_available, Tiling};
-use crate::quant::{self, GgmlType, QuantError};
+use super::row_tiles::{checked, for_each_group, q8k_activation, vnni_available, Tiling, Q8K_BYTES};
+use crate::quant::{GgmlType, QuantError};
 
 /// Values per q4_K / q8_K block (one tile's columns).
 const QK: usize = 256;
@@ -45,8 +45,6 @@ const OFF_DMIN: usize = OFF_D + 2 * TILE_ROWS;
 /// Bytes of one 16-row × 256-column tile.
 pub const TILE_BYTES: usize = OFF_DMIN + 2 * TILE_ROWS;
 const TILING: Tiling = Tiling { rows: TILE_ROWS, qk: QK, bytes: TILE_BYTES };
-/// q8_K block: d (f32), 256 int8 quants, 16 sums of 16 quants (i16).
-const Q8K_BYTES: usize = 4 + QK + 32;
 /// How far ahead of the line being read the kernel asks for the same line of a later tile (decode
 /// reads each weight once per token, from DRAM). One prefetch per line read, into L2 (T1), spread
 /// through the loop: a burst of a whole tile's prefetches at its start filled the line-fill buffers
@@ -61,17 +59,7 @@ pub fn matvec(packed: &[u8], n_rows: usize, x: &[f32], out: &mut [f32]) -> Resul
     let k = x.len();
     let (packed, tile_row_bytes) =
         checked(GgmlType::Q4_K, "q4_K AVX512-VNNI matvec (this CPU)", vnni_available(), packed, n_rows, k, out.len(), TILING)?;
-    let kb = k / QK;
-    // Activations in q8_K, and each block's 8 sums of 32 quants as i16 (what the mins multiply).
-    let mut act = vec![0u8; kb * Q8K_BYTES];
-    quant::quantize_activation(GgmlType::Q8_K, x, &mut act)?;
-    let bsum32: Vec<i16> = act
-        .chunks_exact(Q8K_BYTES)
-        .flat_map(|b| {
-            let s = |i: usize| i16::from_le_bytes([b[4 + QK + 2 * i], b[4 + QK + 2 * i + 1]]);
-            (0..8).map(move |g| s(2 * g) + s(2 * g + 1))
-        })
-        .collect();
+    let (act, bsum32) = q8k_activation(x)?;
     for_each_group(packed, TILE_ROWS, tile_row_bytes, out, 1, |tile, rows| {
         let mut y = [0f32; TILE_ROWS];
         tile_dot(tile, &act, &bsum32, &mut y);
@@ -176,15 +164,6 @@ mod tests {
 
     #[test]
     fn wrong_shapes_are_refused() {
-        if !vnni_available() {
-            return;
-        }
-        let packed = vec![0u8; 2 * TILE_BYTES];
-        let x = vec![0.5f32; 512];
-        assert!(matvec(&packed, 16, &x, &mut [0f32; 16]).is_ok());
-        assert!(matvec(&packed, 16, &x[..300], &mut [0f32; 16]).is_err(), "K not a multiple of 256");
-        assert!(matvec(&packed, 20, &x, &mut [0f32; 16]).is_err(), "rows not a multiple of 16");
-        assert!(matvec(&packed[1..], 16, &x, &mut [0f32; 16]).is_err(), "short packed bytes");
-        assert!(matvec(&packed, 16, &x, &mut [0f32; 17]).is_err(), "more outputs than rows");
+        testing::refuses_wrong_shapes(matvec, TILING, vnni_available());
     }
 }

@@ -29,8 +29,8 @@
 //!
 //! Dims: K = n_cols (multiple of 256), N = rows of the packed tensor (multiple of 8), KB = K / 256.
 
-use super::row_tiles::{avx2_available, checked, for_each_group, Tiling};
-use crate::quant::{self, GgmlType, QuantError};
+use super::row_tiles::{avx2_available, checked, for_each_group, q8k_activation, Tiling, Q8K_BYTES};
+use crate::quant::{GgmlType, QuantError};
 
 /// Weight rows per tile (ggml's interleave width).
 pub const TILE_ROWS: usize = 8;
@@ -42,8 +42,6 @@ const OFF_QS: usize = OFF_SCALES + 12 * 8;
 /// Bytes of one 8-row × 256-column tile.
 pub const TILE_BYTES: usize = OFF_QS + QK / 2 * TILE_ROWS;
 const TILING: Tiling = Tiling { rows: TILE_ROWS, qk: QK, bytes: TILE_BYTES };
-/// q8_K block: d (f32), 256 int8 quants, 16 sums of 16 quants (i16).
-const Q8K_BYTES: usize = 4 + QK + 32;
 /// How far ahead of the line being read the kernel asks L2 (T1) for the same line of a later tile:
 /// one prefetch per line read, spread through the loop, as in [`super::q4k_matvec`].
 const PREFETCH_AHEAD: usize = 2 * TILE_BYTES;
@@ -54,17 +52,7 @@ pub fn matvec(packed: &[u8], n_rows: usize, x: &[f32], out: &mut [f32]) -> Resul
     let k = x.len();
     let (packed, tile_row_bytes) =
         checked(GgmlType::Q4_K, "q4_K AVX2 matvec (this CPU)", avx2_available(), packed, n_rows, k, out.len(), TILING)?;
-    let kb = k / QK;
-    // Activations in q8_K, and each block's 8 sums of 32 quants as i16 (what the mins multiply).
-    let mut act = vec![0u8; kb * Q8K_BYTES];
-    quant::quantize_activation(GgmlType::Q8_K, x, &mut act)?;
-    let bsum32: Vec<i16> = act
-        .chunks_exact(Q8K_BYTES)
-        .flat_map(|b| {
-            let s = |i: usize| i16::from_le_bytes([b[4 + QK + 2 * i], b[4 + QK + 2 * i + 1]]);
-            (0..8).map(move |g| s(2 * g) + s(2 * g + 1))
-        })
-        .collect();
+    let (act, bsum32) = q8k_activation(x)?;
     for_each_group(packed, TILE_ROWS, tile_row_bytes, out, 1, |tile, rows| {
         let mut y = [0f32; TILE_ROWS];
         tile_dot(tile, &act, &bsum32, &mut y);
@@ -226,15 +214,6 @@ mod tests {
 
     #[test]
     fn wrong_shapes_are_refused() {
-        if !avx2_available() {
-            return;
-        }
-        let packed = vec![0u8; 2 * TILE_BYTES];
-        let x = vec![0.5f32; 512];
-        assert!(matvec(&packed, 8, &x, &mut [0f32; 8]).is_ok());
-        assert!(matvec(&packed, 8, &x[..300], &mut [0f32; 8]).is_err(), "K not a multiple of 256");
-        assert!(matvec(&packed, 12, &x, &mut [0f32; 8]).is_err(), "rows not a multiple of 8");
-        assert!(matvec(&packed[1..], 8, &x, &mut [0f32; 8]).is_err(), "short packed bytes");
-        assert!(matvec(&packed, 8, &x, &mut [0f32; 9]).is_err(), "more outputs than rows");
+        testing::refuses_wrong_shapes(matvec, TILING, avx2_available());
     }
 }

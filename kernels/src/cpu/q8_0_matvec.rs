@@ -171,15 +171,6 @@ mod tests {
 
     #[test]
     fn wrong_shapes_are_refused() {
-        if !vnni_available() {
-            return;
-        }
-        let packed = vec![0u8; 2 * TILE_BYTES];
-        let x = vec![0.5f32; 64];
-        assert!(matvec(&packed, 16, &x, &mut [0f32; 16]).is_ok());
-        assert!(matvec(&packed, 16, &x[..40], &mut [0f32; 16]).is_err(), "K not a multiple of 32");
-        assert!(matvec(&packed, 20, &x, &mut [0f32; 16]).is_err(), "rows not a multiple of 16");
-        assert!(matvec(&packed[1..], 16, &x, &mut [0f32; 16]).is_err(), "short packed bytes");
-        assert!(matvec(&packed, 16, &x, &mut [0f32; 17]).is_err(), "more outputs than rows");
+        testing::refuses_wrong_shapes(matvec, TILING, vnni_available());
     }
 }

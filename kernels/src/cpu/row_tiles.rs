@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use crate::quant::{GgmlType, QuantError};
+use crate::quant::{self, GgmlType, QuantError};
 
 /// Weight rows per tile, in every AMX layout.
 pub const TILE_ROWS: usize = 16;
@@ -49,6 +49,26 @@ pub fn avx2_available() -> bool {
     false
 }
 
+/// q8_K block (what the q4_K kernels' activations are in): d (f32), 256 int8 quants, 16 sums of 16
+/// quants (i16).
+pub(crate) const Q8K_BYTES: usize = 4 + 256 + 32;
+
+/// One token's activations for the q4_K kernels: `x` in q8_K (ggml's CPU converter), and each
+/// block's 8 sums of 32 quants as i16 (what the mins multiply). `x.len()` must be a multiple of 256
+/// (checked by the converter).
+pub(crate) fn q8k_activation(x: &[f32]) -> Result<(Vec<u8>, Vec<i16>), QuantError> {
+    let mut act = vec![0u8; x.len() / 256 * Q8K_BYTES];
+    quant::quantize_activation(GgmlType::Q8_K, x, &mut act)?;
+    let bsum32 = act
+        .chunks_exact(Q8K_BYTES)
+        .flat_map(|b| {
+            let s = |i: usize| i16::from_le_bytes([b[4 + 256 + 2 * i], b[4 + 256 + 2 * i + 1]]);
+            (0..8).map(move |g| s(2 * g) + s(2 * g + 1))
+        })
+        .collect();
+    Ok((act, bsum32))
+}
+
 /// The shape of one token through a packed weight of `qtype` (K = `k` columns, cut as `tiling`
 /// says), checked, and the CPU too (`cpu_ok`: the kernel's feature check): the packed bytes the kernel
 /// may read (`packed` may be longer) and the bytes of one row of tiles.
@@ -71,7 +91,7 @@ pub(crate) fn checked<'a>(
         return Err(QuantError::RowLength { qtype, n_per_row: k, block_size: qk });
     }
     if !n_rows.is_multiple_of(rows) {
-        let what = if rows == TILE_ROWS { "packed rows (a multiple of 16)" } else { "packed rows (a multiple of 8)" };
+        let what = "packed rows (a whole number of the layout's row tiles)";
         return Err(QuantError::Length { what, expected: n_rows / rows * rows, got: n_rows });
     }
     let tile_row_bytes = k / qk * bytes;
@@ -114,7 +134,9 @@ pub(crate) mod testing {
     use super::super::gemm::{gemm_packed, gemm_packed_ggml, uses_own_matvec};
     use super::super::matmul::{matmul_vec_dot, QMatRef};
     use super::super::packed::pack;
+    use super::Tiling;
     use crate::cpu::test_signal as signal;
+    use crate::quant::QuantError;
     use crate::{quant, QuantType};
 
     /// Rows of very different magnitude and offset: block scales (and q4_K's mins) over their
@@ -131,6 +153,27 @@ pub(crate) mod testing {
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
             assert!((x - y).abs() <= tol * scale, "{what} [{i}]: {x} vs {y} (scale {scale})");
         }
+    }
+
+    /// A one-token kernel's entry point: `(packed, n_rows, x, out)`.
+    pub(crate) type Matvec = fn(&[u8], usize, &[f32], &mut [f32]) -> Result<(), QuantError>;
+
+    /// `matvec` takes one row of two tiles, and refuses, with an error rather than a panic, K off
+    /// the block size, rows off the tile rows, short packed bytes and more outputs than rows. Skips
+    /// where the CPU lacks the kernel's features (`cpu_ok`).
+    pub(crate) fn refuses_wrong_shapes(matvec: Matvec, t: Tiling, cpu_ok: bool) {
+        if !cpu_ok {
+            eprintln!("kernel not run on this CPU");
+            return;
+        }
+        let packed = vec![0u8; 2 * t.bytes];
+        let x = vec![0.5f32; 2 * t.qk];
+        let out = |n: usize| vec![0f32; n];
+        assert!(matvec(&packed, t.rows, &x, &mut out(t.rows)).is_ok());
+        assert!(matvec(&packed, t.rows, &x[..t.qk + t.qk / 4], &mut out(t.rows)).is_err(), "K not a multiple of the block");
+        assert!(matvec(&packed, t.rows + 4, &x, &mut out(t.rows)).is_err(), "rows not a multiple of the tile's");
+        assert!(matvec(&packed[1..], t.rows, &x, &mut out(t.rows)).is_err(), "short packed bytes");
+        assert!(matvec(&packed, t.rows, &x, &mut out(t.rows + 1)).is_err(), "more outputs than rows");
     }
 
     /// One token through `gemm_packed` (which picks our kernel) against ggml's kernel within

@@ -1,81 +1,93 @@
 //! Dot product and axpy over f16 values in SIMD registers (see [`super::Widen`]'s f16 impl): 16
 //! values per conversion with AVX-512, 8 with AVX2 + F16C (CPUs without AVX-512, e.g. AMD Zen 3).
 
-/// The widest of the two this CPU has.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Width {
+enum Kind {
     Avx512,
     Avx2,
 }
 
-/// Every width this CPU runs, widest first (the tests check each).
-pub fn supported() -> Vec<Width> {
-    let mut out = Vec::new();
+/// A SIMD width this CPU has: only [`best`] and [`supported`] make one, after checking the CPU, so
+/// holding one is what makes [`dot`] and [`axpy`] sound (no check per call: they run once per key
+/// position in the one-token attention).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Width(Kind);
+
+/// Widest first.
+const KINDS: [Kind; 2] = [Kind::Avx512, Kind::Avx2];
+
+/// Whether the CPU has `kind`'s features (a compile-time answer under `-C target-cpu=native`, else
+/// a cached feature check).
+#[inline]
+fn has(kind: Kind) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            out.push(Width::Avx512);
-        }
-        if std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
-        {
-            out.push(Width::Avx2);
+        match kind {
+            Kind::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            Kind::Avx2 => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                    && std::arch::is_x86_feature_detected!("f16c")
+            }
         }
     }
-    out
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = kind;
+        false
+    }
 }
 
-/// The width to use here, if any (a compile-time answer under `-C target-cpu=native`, else a
-/// cached feature check).
+/// The widest width this CPU has, if any.
 #[inline]
 pub fn best() -> Option<Width> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return Some(Width::Avx512);
-        }
-        if std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
-        {
-            return Some(Width::Avx2);
-        }
-    }
-    None
+    KINDS.into_iter().find(|&k| has(k)).map(Width)
 }
 
-/// `Σ a[i]·b[i]` over the shorter length; `width` must be one of [`supported`].
+/// Every width this CPU has, widest first (the tests check each).
+#[cfg(test)]
+pub fn supported() -> Vec<Width> {
+    KINDS.into_iter().filter(|&k| has(k)).map(Width).collect()
+}
+
+/// `Σ a[i]·b[i]` over the shorter length.
+#[inline]
 pub fn dot(width: Width, a: &[f32], b: &[half::f16]) -> f32 {
     let n = a.len().min(b.len());
-    assert!(supported().contains(&width), "{width:?} not on this CPU");
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: the CPU has `width`'s features (asserted); both slices hold at least `n` values.
+    // SAFETY: a `Width` exists only for features the CPU has (see its doc); both slices hold at
+    // least `n` values.
     unsafe {
-        match width {
-            Width::Avx512 => x86::dot512(a.as_ptr(), b.as_ptr().cast(), n),
-            Width::Avx2 => x86::dot256(a.as_ptr(), b.as_ptr().cast(), n),
+        match width.0 {
+            Kind::Avx512 => x86::dot512(a.as_ptr(), b.as_ptr().cast(), n),
+            Kind::Avx2 => x86::dot256(a.as_ptr(), b.as_ptr().cast(), n),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    super::dot_lanes(&a[..n], &b[..n])
+    {
+        let _ = width;
+        super::dot_lanes(&a[..n], &b[..n])
+    }
 }
 
-/// `o[i] += w·b[i]` over the shorter length; `width` must be one of [`supported`].
+/// `o[i] += w·b[i]` over the shorter length.
+#[inline]
 pub fn axpy(width: Width, o: &mut [f32], w: f32, b: &[half::f16]) {
     let n = o.len().min(b.len());
-    assert!(supported().contains(&width), "{width:?} not on this CPU");
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: the CPU has `width`'s features (asserted); both slices hold at least `n` values and
-    // `o` is borrowed mutably, so nothing else reads or writes it meanwhile.
+    // SAFETY: a `Width` exists only for features the CPU has (see its doc); both slices hold at
+    // least `n` values and `o` is borrowed mutably, so nothing else reads or writes it meanwhile.
     unsafe {
-        match width {
-            Width::Avx512 => x86::axpy512(o.as_mut_ptr(), w, b.as_ptr().cast(), n),
-            Width::Avx2 => x86::axpy256(o.as_mut_ptr(), w, b.as_ptr().cast(), n),
+        match width.0 {
+            Kind::Avx512 => x86::axpy512(o.as_mut_ptr(), w, b.as_ptr().cast(), n),
+            Kind::Avx2 => x86::axpy256(o.as_mut_ptr(), w, b.as_ptr().cast(), n),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    o[..n].iter_mut().zip(&b[..n]).for_each(|(a, v)| *a += w * v.to_f32());
+    {
+        let _ = width;
+        o[..n].iter_mut().zip(&b[..n]).for_each(|(a, v)| *a += w * v.to_f32());
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
