@@ -4,7 +4,8 @@
 //! repacked layout for a type (AMX, interleaved), its kernel is measured beside the plain one
 //! (`matvec/q4_k_AMX/…`, `prefill_matmul/packed_AMX/…`); where our own one-token kernel replaces
 //! ggml's on that layout (q4_K and q8_0 on AMX, q4_K and q4_0 on the interleaved `CPU_REPACK`),
-//! ggml's is measured beside it (`…_AMX_ggml`, `…_CPU_REPACK_ggml`).
+//! ggml's is measured beside it (`…_AMX_ggml`, `…_CPU_REPACK_ggml`), and where our own kernel replaces
+//! ggml's `vec_dot` on plain rows (q8_0 on AVX2), `vec_dot` beside it (`q8_0_vec_dot`).
 //!
 //!   cargo bench --bench kernels                 # all
 //!   cargo bench --bench kernels -- matvec/q4_k  # one group/type
@@ -12,7 +13,7 @@
 //! Shapes are Phi-2's (hidden 2560, FFN 10240, 32 heads of 80). Figures for a machine: BENCHMARKS.md.
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use moellava_kernels::cpu::{attention as attn, bandwidth, gemm, matmul, matmul_vec_dot, packed, QMatRef};
+use moellava_kernels::cpu::{attention as attn, bandwidth, gemm, matmul, matmul_vec_dot, packed, q8_0_rows_matvec, QMatRef};
 use moellava_kernels::quant::{quantize_rows_par, QuantType};
 
 const HIDDEN: usize = 2560;
@@ -33,6 +34,12 @@ fn weights(q: QuantType, rows: usize, cols: usize) -> Vec<u8> {
     let mut out = vec![0u8; q.bytes_for(rows, cols).unwrap()];
     quantize_rows_par(q, &f, cols, &mut out).unwrap();
     out
+}
+
+/// Whether one token through plain rows of `q` runs our own kernel (q8_0 on AVX2,
+/// `q8_0_rows_matvec`) rather than ggml's `vec_dot` per row; ggml's is then measured beside it.
+fn own_plain_rows(q: QuantType) -> bool {
+    q == QuantType::Q8_0 && q8_0_rows_matvec::available()
 }
 
 const TYPES: [QuantType; 5] = [QuantType::Q4_0, QuantType::Q4_K, QuantType::Q5_K, QuantType::Q8_0, QuantType::F16];
@@ -59,6 +66,11 @@ fn matvec_group(c: &mut Criterion, name: &str, samples: usize, rows: usize, type
         let mut y = vec![0f32; rows];
         g.throughput(Throughput::Bytes(w.len() as u64));
         g.bench_function(BenchmarkId::new(q.name(), &shape), |b| b.iter(|| matmul(m, black_box(&x), &mut y).unwrap()));
+        if own_plain_rows(q) {
+            g.bench_function(BenchmarkId::new(format!("{}_vec_dot", q.name()), &shape), |b| {
+                b.iter(|| matmul_vec_dot(m, black_box(&x), &mut y).unwrap())
+            });
+        }
         if let Some(p) = packed::pack(m).unwrap() {
             g.bench_function(BenchmarkId::new(format!("{}_{}", q.name(), p.layout), &shape), |b| {
                 b.iter(|| gemm::gemm_packed(&p, black_box(&x), &mut y).unwrap())
@@ -211,6 +223,14 @@ fn matvec_streaming(c: &mut Criterion) {
                 matmul(QMatRef::new(&plain[i], q, FFN, HIDDEN).unwrap(), black_box(&x), &mut y).unwrap()
             })
         });
+        if own_plain_rows(q) {
+            g.bench_function(BenchmarkId::new(format!("{}_vec_dot", q.name()), "10240x2560"), |b| {
+                b.iter(|| {
+                    i = (i + 1) % copies;
+                    matmul_vec_dot(QMatRef::new(&plain[i], q, FFN, HIDDEN).unwrap(), black_box(&x), &mut y).unwrap()
+                })
+            });
+        }
         drop(plain);
         if let Some(layout) = packed.first().map(|p| p.layout) {
             g.bench_function(BenchmarkId::new(format!("{}_{layout}", q.name()), "10240x2560"), |b| {

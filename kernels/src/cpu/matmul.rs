@@ -78,6 +78,16 @@ pub fn matmul(w: QMatRef, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> 
     if w.n_cols > 0 && x.len() / w.n_cols >= GEMM_MIN_TOKENS {
         return super::gemm::gemm(w, x, out);
     }
+    matmul_per_token(w, x, out)
+}
+
+/// `out[T, N] = x[T, K] · W[N, K]ᵀ`, each token's outputs exactly what [`matmul`] gives that token
+/// alone (a batch of independent rows): our AVX2 kernel for q8_0 ([`super::q8_0_rows_matvec`]),
+/// else one ggml `vec_dot` per (weight row, token).
+pub fn matmul_per_token(w: QMatRef, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
+    if w.qtype == QuantType::Q8_0 && super::q8_0_rows_matvec::available() {
+        return super::q8_0_rows_matvec::matmul(w, x, out);
+    }
     matmul_vec_dot(w, x, out)
 }
 

@@ -12,9 +12,10 @@ pub mod q4k_amx;
 pub mod q4k_matvec;
 pub mod q4k_x8_matvec;
 pub mod q8_0_matvec;
+pub mod q8_0_rows_matvec;
 pub mod row_tiles;
 
-pub use matmul::{get_rows, matmul, matmul_vec_dot, QMatRef};
+pub use matmul::{get_rows, matmul, matmul_per_token, matmul_vec_dot, QMatRef};
 pub use ops::Activation;
 
 /// A deterministic test signal: `sin(i·k)` for i in 0..n.

@@ -68,13 +68,13 @@ impl Backend for CpuBackend {
     }
 
     fn matmul_per_row(&self, x: &HostMat, w: &Weight) -> Result<HostMat> {
-        // Exactly what a single token gets from `matmul`: the packed kernel one row at a time, or one
-        // ggml vec_dot per (weight row, token).
+        // Exactly what a single token gets from `matmul`: the packed kernel one row at a time, or the
+        // plain rows' one-token kernel per token (`cpu::matmul_per_token`).
         let out = match w.packed() {
             Some(p) => packed_matmul(p, x, RowMode::Independent)?,
             None => {
                 let mut out = vec![0f32; x.rows() * w.rows];
-                cpu::matmul_vec_dot(w.mat(), &x.data, &mut out)?;
+                cpu::matmul_per_token(w.mat(), &x.data, &mut out)?;
                 out
             }
         };

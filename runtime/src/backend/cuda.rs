@@ -268,7 +268,7 @@ impl CudaBackend {
         self.pending()?;
         let mut out = vec![0f32; x.rows * w.rows];
         if per_row {
-            cpu::matmul_vec_dot(w.mat(), &xh, &mut out)?;
+            cpu::matmul_per_token(w.mat(), &xh, &mut out)?;
         } else {
             cpu::matmul(w.mat(), &xh, &mut out)?;
         }
