@@ -87,8 +87,9 @@ fn matvec_group(c: &mut Criterion, name: &str, samples: usize, rows: usize, type
 
 /// Prefill through an FFN-sized matrix (10240 × 2560, an expert's up projection) repacked, at 128 and
 /// 512 tokens: ggml's kernel in one call for all tokens (`one_call`) against `gemm_packed` (`ours`:
-/// for q4_K in the AMX layout our AMX-BF16 kernel, `q4k_amx`; q8_0, which stays on ggml's kernel, as
-/// a control); multiply-accumulates per second.
+/// for q4_K in the AMX layout our AMX-BF16 kernel, `q4k_amx`, in the interleaved one our AVX2 GEMM,
+/// `q4k_x8_gemm`; q8_0, which stays on ggml's kernel, as a control); multiply-accumulates per
+/// second.
 fn prefill_ffn(c: &mut Criterion) {
     let mut g = c.benchmark_group("prefill_ffn");
     g.sample_size(10);
@@ -109,8 +110,8 @@ fn prefill_ffn(c: &mut Criterion) {
 
 /// A MoE expert's row count, rarely a multiple of 32, through StableLM's expert down matrix
 /// (2048 × 5632, q4_K): ggml's one call with a partial 32-row block inside, against `gemm_packed`
-/// (our AMX-BF16 kernel where the CPU has AMX; else whole blocks in one ggml call, the rest in a
-/// call of its own); multiply-accumulates per second.
+/// (our AMX-BF16 kernel where the CPU has AMX; our AVX2 GEMM on the interleaved layout; else whole
+/// blocks in one ggml call, the rest in a call of its own); multiply-accumulates per second.
 fn prefill_leftover(c: &mut Criterion) {
     let (n, k) = (2048, 5632);
     let mut g = c.benchmark_group("prefill_leftover");

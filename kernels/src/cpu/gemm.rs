@@ -127,8 +127,10 @@ fn zeroed(out: &mut [MaybeUninit<f32>]) -> &mut [f32] {
 /// ggml's q4_K AMX kernel at 128 tokens and 2.8× at 512 on an FFN-sized weight (`cargo bench
 /// --bench kernels -- prefill_ffn`; BENCHMARKS.md). Between the two, and where the CPU lacks AMX-BF16, ggml's
 /// kernel in whole 32-row blocks ([`own_q4k`]). A q4_K or q4_0 weight in the interleaved 8-row layout
-/// (AVX2 CPUs without AMX) runs [`super::q4k_x8_matvec`] or [`super::q4_0_x8_matvec`] for one token,
-/// ggml's GEMM for more.
+/// (AVX2 CPUs without AMX) runs [`super::q4k_x8_matvec`] or [`super::q4_0_x8_matvec`] for one token;
+/// for more, q4_K our GEMM [`super::q4k_x8_gemm`] (from [`X8_GEMM_MIN_TOKENS`]; 1.7× ggml's at 128
+/// and 512 tokens on an FFN-sized weight, `cargo bench --bench kernels -- prefill_ffn`), q4_0
+/// ggml's.
 pub fn gemm_packed(w: &PackedMat, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
     gemm_packed_uninit(w, x, as_uninit(out))
 }
@@ -148,7 +150,8 @@ pub fn gemm_packed_new(w: &PackedMat, x: &[f32]) -> Result<Vec<f32>, QuantError>
     // SAFETY: `gemm_packed_uninit` succeeded, and on success every path has written all `len`
     // outputs: ggml's `mul_mat` computes every element of its destination, the padded-rows path
     // copies every kept column of every row, rows for our one-token kernel are zeroed before it
-    // sums, and `q4k_amx::matmul` copies every kept column of every row from its sums.
+    // sums, and `q4k_amx::matmul` and `q4k_x8_gemm::matmul` write every kept column of every row from
+    // their sums.
     unsafe { out.set_len(len) };
     Ok(out)
 }
@@ -161,12 +164,17 @@ fn gemm_packed_uninit(w: &PackedMat, x: &[f32], out: &mut [MaybeUninit<f32>]) ->
     if w.layout == INTERLEAVED {
         // one token our AVX2 kernel; more, ggml's interleaved GEMM (it reads each weight block once
         // for 4 tokens)
-        if x.len() != k {
-            return mul_mat(Src0::Packed(w), w.padded_rows, n, k, x, out);
-        }
+        // q4_K: under X8_GEMM_MIN_TOKENS tokens our one-token kernel per token, from there our GEMM
+        // (each token's outputs the same either way); q4_0: one token our kernel, more ggml's GEMM
+        let t = x.len() / k;
         return match w.qtype {
-            QuantType::Q4_0 => super::q4_0_x8_matvec::matvec(w.bytes(), w.padded_rows, x, zeroed(out)),
-            _ => super::q4k_x8_matvec::matvec(w.bytes(), w.padded_rows, x, zeroed(out)),
+            QuantType::Q4_K if t >= X8_GEMM_MIN_TOKENS => super::q4k_x8_gemm::matmul(w.bytes(), w.padded_rows, k, n, x, out),
+            QuantType::Q4_K => x
+                .chunks(k)
+                .zip(out.chunks_mut(n))
+                .try_for_each(|(xr, or)| super::q4k_x8_matvec::matvec(w.bytes(), w.padded_rows, xr, zeroed(or))),
+            _ if t > 1 => mul_mat(Src0::Packed(w), w.padded_rows, n, k, x, out),
+            _ => super::q4_0_x8_matvec::matvec(w.bytes(), w.padded_rows, x, zeroed(out)),
         };
     }
     if w.qtype == QuantType::Q8_0 {
@@ -233,6 +241,12 @@ pub const OWN_KERNEL_MAX_ROWS: usize = 2;
 /// (1.05 vs 1.27) and 64 (1.28 vs 2.43 ms); ggml slightly ahead at 12 (0.73 vs 0.64). Same picture
 /// on 10240×2560 and 11264×2048 (a throwaway timing loop, aligned buffers, 2 threads; BENCHMARKS.md).
 pub const AMX_BF16_MIN_ROWS: usize = 16;
+
+/// From this many tokens on, a q4_K weight in the interleaved layout runs our GEMM
+/// ([`super::q4k_x8_gemm`]); below, our one-token kernel once per token. 2 tokens: 0.69 vs 0.62 ms
+/// on 2048×5632, 0.34 vs 0.32 on 5632×2048; 3 tokens: 0.85 vs 0.93, 0.48 vs 0.48; 8 tokens 1.6 vs
+/// 2.0, 0.81 vs 1.22 (ggml's GEMM 2.5, 1.5); a throwaway timing loop, best of 30, 2 threads.
+pub const X8_GEMM_MIN_TOKENS: usize = 3;
 
 /// ggml's name of its interleaved layouts' buffer type (`block_q4_Kx8` and kin, on AVX2 CPUs).
 const INTERLEAVED: &str = "CPU_REPACK";

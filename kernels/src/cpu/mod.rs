@@ -10,6 +10,7 @@ pub mod packed;
 pub mod q4_0_x8_matvec;
 pub mod q4k_amx;
 pub mod q4k_matvec;
+pub mod q4k_x8_gemm;
 pub mod q4k_x8_matvec;
 pub mod q8_0_matvec;
 pub mod q8_0_rows_matvec;

@@ -35,10 +35,10 @@ use crate::quant::{GgmlType, QuantError};
 /// Weight rows per tile (ggml's interleave width).
 pub const TILE_ROWS: usize = 8;
 /// Values per q4_K / q8_K block (one tile's columns).
-const QK: usize = 256;
-const OFF_DMIN: usize = 2 * TILE_ROWS;
-const OFF_SCALES: usize = OFF_DMIN + 2 * TILE_ROWS;
-const OFF_QS: usize = OFF_SCALES + 12 * 8;
+pub(super) const QK: usize = 256;
+pub(super) const OFF_DMIN: usize = 2 * TILE_ROWS;
+pub(super) const OFF_SCALES: usize = OFF_DMIN + 2 * TILE_ROWS;
+pub(super) const OFF_QS: usize = OFF_SCALES + 12 * 8;
 /// Bytes of one 8-row × 256-column tile.
 pub const TILE_BYTES: usize = OFF_QS + QK / 2 * TILE_ROWS;
 const TILING: Tiling = Tiling { rows: TILE_ROWS, qk: QK, bytes: TILE_BYTES };
@@ -66,7 +66,7 @@ pub fn matvec(packed: &[u8], n_rows: usize, x: &[f32], out: &mut [f32]) -> Resul
 /// 4..8's (bits 6..8); bytes 4..8 the same for the mins; bytes 8..12 bits 0..4 of rows 4..8's scales
 /// (low nibble) and mins (high nibble). Returns (scales, mins), one byte per row, row 0 lowest.
 #[inline(always)]
-fn unpack(g: [u8; 12]) -> (u64, u64) {
+pub(super) fn unpack(g: [u8; 12]) -> (u64, u64) {
     let w = |i: usize| u32::from_le_bytes([g[4 * i], g[4 * i + 1], g[4 * i + 2], g[4 * i + 3]]);
     let (w0, w1, w2) = (w(0), w(1), w(2));
     let sc_lo = w0 & 0x3f3f_3f3f;
