@@ -87,13 +87,13 @@ fn matvec_group(c: &mut Criterion, name: &str, samples: usize, rows: usize, type
 
 /// Prefill through an FFN-sized matrix (10240 × 2560, an expert's up projection) repacked, at 128 and
 /// 512 tokens: ggml's kernel in one call for all tokens (`one_call`) against `gemm_packed` (`ours`:
-/// for q4_K in the AMX layout our AMX-BF16 kernel, `q4k_amx`, in the interleaved one our AVX2 GEMM,
-/// `q4k_x8_gemm`; q8_0, which stays on ggml's kernel, as a control); multiply-accumulates per
-/// second.
+/// for q4_K in the AMX layout our AMX-BF16 kernel, `q4k_amx`; q4_K and q4_0 in the interleaved one
+/// our AVX2 GEMMs, `q4k_x8_gemm` and `q4_0_x8_gemm`; q8_0, which stays on ggml's kernel, as a
+/// control); multiply-accumulates per second.
 fn prefill_ffn(c: &mut Criterion) {
     let mut g = c.benchmark_group("prefill_ffn");
     g.sample_size(10);
-    for q in [QuantType::Q4_K, QuantType::Q8_0] {
+    for q in [QuantType::Q4_K, QuantType::Q4_0, QuantType::Q8_0] {
         let w = weights(q, FFN, HIDDEN);
         let Some(p) = packed::pack(QMatRef::new(&w, q, FFN, HIDDEN).unwrap()).unwrap() else { continue };
         for t in [128usize, 512] {

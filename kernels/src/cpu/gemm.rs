@@ -128,9 +128,10 @@ fn zeroed(out: &mut [MaybeUninit<f32>]) -> &mut [f32] {
 /// --bench kernels -- prefill_ffn`; BENCHMARKS.md). Between the two, and where the CPU lacks AMX-BF16, ggml's
 /// kernel in whole 32-row blocks ([`own_q4k`]). A q4_K or q4_0 weight in the interleaved 8-row layout
 /// (AVX2 CPUs without AMX) runs [`super::q4k_x8_matvec`] or [`super::q4_0_x8_matvec`] for one token;
-/// for more, q4_K our GEMM [`super::q4k_x8_gemm`] (from [`X8_GEMM_MIN_TOKENS`]; 1.7× ggml's at 128
-/// and 512 tokens on an FFN-sized weight, `cargo bench --bench kernels -- prefill_ffn`), q4_0
-/// ggml's.
+/// for a few tokens the same once per token, for more our GEMMs ([`super::q4k_x8_gemm`],
+/// [`super::q4_0_x8_gemm`]; from [`X8_GEMM_MIN_TOKENS_Q4K`] / [`X8_GEMM_MIN_TOKENS_Q4_0`] tokens;
+/// 1.7× and 1.3× ggml's at 128 and 512 tokens on an FFN-sized weight, `cargo bench --bench kernels
+/// -- prefill_ffn`).
 pub fn gemm_packed(w: &PackedMat, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
     gemm_packed_uninit(w, x, as_uninit(out))
 }
@@ -162,20 +163,17 @@ fn gemm_packed_uninit(w: &PackedMat, x: &[f32], out: &mut [MaybeUninit<f32>]) ->
         return mul_mat(Src0::Packed(w), w.padded_rows, w.n_rows, w.n_cols, x, out);
     }
     if w.layout == INTERLEAVED {
-        // one token our AVX2 kernel; more, ggml's interleaved GEMM (it reads each weight block once
-        // for 4 tokens)
-        // q4_K: under X8_GEMM_MIN_TOKENS tokens our one-token kernel per token, from there our GEMM
-        // (each token's outputs the same either way); q4_0: one token our kernel, more ggml's GEMM
-        let t = x.len() / k;
-        return match w.qtype {
-            QuantType::Q4_K if t >= X8_GEMM_MIN_TOKENS => super::q4k_x8_gemm::matmul(w.bytes(), w.padded_rows, k, n, x, out),
-            QuantType::Q4_K => x
-                .chunks(k)
-                .zip(out.chunks_mut(n))
-                .try_for_each(|(xr, or)| super::q4k_x8_matvec::matvec(w.bytes(), w.padded_rows, xr, zeroed(or))),
-            _ if t > 1 => mul_mat(Src0::Packed(w), w.padded_rows, n, k, x, out),
-            _ => super::q4_0_x8_matvec::matvec(w.bytes(), w.padded_rows, x, zeroed(out)),
-        };
+        // under X8_GEMM_MIN_TOKENS_* tokens our one-token kernel per token, from there our GEMM (each
+        // token's outputs the same either way)
+        let (bytes, rows) = (w.bytes(), w.padded_rows);
+        let q4k = w.qtype == QuantType::Q4_K;
+        let gemm_from = if q4k { X8_GEMM_MIN_TOKENS_Q4K } else { X8_GEMM_MIN_TOKENS_Q4_0 };
+        if x.len() / k >= gemm_from {
+            let gemm = if q4k { super::q4k_x8_gemm::matmul } else { super::q4_0_x8_gemm::matmul };
+            return gemm(bytes, rows, k, n, x, out);
+        }
+        let matvec = if q4k { super::q4k_x8_matvec::matvec } else { super::q4_0_x8_matvec::matvec };
+        return x.chunks(k).zip(out.chunks_mut(n)).try_for_each(|(xr, or)| matvec(bytes, rows, xr, zeroed(or)));
     }
     if w.qtype == QuantType::Q8_0 {
         return own_q8_0(w, x, out);
@@ -246,7 +244,12 @@ pub const AMX_BF16_MIN_ROWS: usize = 16;
 /// ([`super::q4k_x8_gemm`]); below, our one-token kernel once per token. 2 tokens: 0.69 vs 0.62 ms
 /// on 2048×5632, 0.34 vs 0.32 on 5632×2048; 3 tokens: 0.85 vs 0.93, 0.48 vs 0.48; 8 tokens 1.6 vs
 /// 2.0, 0.81 vs 1.22 (ggml's GEMM 2.5, 1.5); a throwaway timing loop, best of 30, 2 threads.
-pub const X8_GEMM_MIN_TOKENS: usize = 3;
+pub const X8_GEMM_MIN_TOKENS_Q4K: usize = 3;
+
+/// The same for q4_0 ([`super::q4_0_x8_gemm`]), whose one-token kernel has less to unpack: 3 tokens
+/// 0.75 vs 0.62 ms on 2048×5632, 0.71 vs 0.59 on 5632×2048; 4 tokens 0.83 vs 0.83, 0.67 vs 0.63; 8
+/// tokens 1.48 vs 1.65, 1.30 vs 1.41 (ggml's GEMM 2.2, 1.8); the same loop.
+pub const X8_GEMM_MIN_TOKENS_Q4_0: usize = 5;
 
 /// ggml's name of its interleaved layouts' buffer type (`block_q4_Kx8` and kin, on AVX2 CPUs).
 const INTERLEAVED: &str = "CPU_REPACK";

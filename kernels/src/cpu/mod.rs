@@ -7,6 +7,7 @@ pub mod gemm;
 pub mod matmul;
 pub mod ops;
 pub mod packed;
+pub mod q4_0_x8_gemm;
 pub mod q4_0_x8_matvec;
 pub mod q4k_amx;
 pub mod q4k_matvec;

@@ -33,13 +33,13 @@ use crate::quant::{self, GgmlType, QuantError};
 /// Weight rows per tile (ggml's interleave width).
 pub const TILE_ROWS: usize = 8;
 /// Values per q4_0 / q8_0 block (one tile's columns).
-const QK: usize = 32;
-const OFF_QS: usize = 2 * TILE_ROWS;
+pub(super) const QK: usize = 32;
+pub(super) const OFF_QS: usize = 2 * TILE_ROWS;
 /// Bytes of one 8-row × 32-column tile.
 pub const TILE_BYTES: usize = OFF_QS + QK / 2 * TILE_ROWS;
-const TILING: Tiling = Tiling { rows: TILE_ROWS, qk: QK, bytes: TILE_BYTES };
+pub(super) const TILING: Tiling = Tiling { rows: TILE_ROWS, qk: QK, bytes: TILE_BYTES };
 /// q8_0 block: d (f16), 32 int8 quants.
-const Q8_0_BYTES: usize = 2 + QK;
+pub(super) const Q8_0_BYTES: usize = 2 + QK;
 /// How far ahead of the bytes being read, in a row of tiles, the kernel asks L2 (T1) for more: one
 /// prefetch per 64 bytes read, as in [`super::q4k_x8_matvec`] (about 2 KiB on).
 const PREFETCH_AHEAD: usize = 16 * TILE_BYTES;

@@ -22,19 +22,13 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::q4k_x8_matvec::{unpack, OFF_DMIN, OFF_QS, OFF_SCALES, QK, TILE_BYTES, TILE_ROWS};
-use super::row_tiles::{avx2_available, q8k_activation, Q8K_BYTES};
+use super::q4k_x8_matvec::{unpack, OFF_DMIN, OFF_QS, OFF_SCALES, QK, TILE_BYTES, TILE_ROWS, TILING};
+use super::row_tiles::{avx2_available, checked, gemm_by_tiles, q8k_activation, Q8K_BYTES};
 use crate::quant::{GgmlType, QuantError};
 
 /// Activation bytes (q8_K) of one chunk of tokens: a quarter of this CPU class's 512 KiB L2, so the
 /// chunk stays there while every tile of the thread passes over it.
 const CHUNK_ACT_BYTES: usize = 128 << 10;
-
-/// Where the threads write: `out` as a raw pointer, each thread only its own rows' columns.
-struct OutPtr(*mut f32);
-// SAFETY: the pointer is only written through at (token, row) positions of the row tiles the
-// writing thread owns; threads own disjoint row ranges, so no element is written twice or read.
-unsafe impl Sync for OutPtr {}
 
 /// `out[t, r] = Σ_k W[r, k] · x[t, k]` for the first `n_out` of the `n_rows` rows of a q4_K weight
 /// in ggml's interleaved 8-row layout (`packed` starts with its `n_rows / 8 · K / 256` tiles), `x`
@@ -47,62 +41,37 @@ pub fn matmul(
     x: &[f32],
     out: &mut [MaybeUninit<f32>],
 ) -> Result<(), QuantError> {
-    if !avx2_available() {
-        return Err(QuantError::Unsupported { op: "q4_K AVX2 GEMM (this CPU)", qtype: GgmlType::Q4_K });
-    }
-    if k == 0 || !k.is_multiple_of(QK) {
-        return Err(QuantError::RowLength { qtype: GgmlType::Q4_K, n_per_row: k, block_size: QK });
-    }
-    if n_rows == 0 || !n_rows.is_multiple_of(TILE_ROWS) {
-        let what = "packed rows (a whole number of the layout's row tiles)";
-        return Err(QuantError::Length { what, expected: n_rows.div_ceil(TILE_ROWS) * TILE_ROWS, got: n_rows });
-    }
-    let kb = k / QK;
-    let want = n_rows / TILE_ROWS * kb * TILE_BYTES;
-    let packed = packed.get(..want).ok_or(QuantError::Length { what: "packed q4_K bytes", expected: want, got: packed.len() })?;
-    if x.is_empty() || !x.len().is_multiple_of(k) {
-        return Err(QuantError::Length { what: "activation values (whole rows of K)", expected: x.len() / k * k, got: x.len() });
-    }
-    let t = x.len() / k;
-    if n_out == 0 || n_out > n_rows || out.len() != t * n_out {
-        return Err(QuantError::Length {
-            what: "output values (T × kept rows)",
-            expected: t * n_out.min(n_rows),
-            got: out.len(),
-        });
-    }
+    let t = check_tokens(k, n_out, x, out.len())?;
+    let (packed, tile_row_bytes) =
+        checked(GgmlType::Q4_K, "q4_K AVX2 GEMM (this CPU)", avx2_available(), packed, n_rows, k, n_out, TILING)?;
     // q8_K activations, token rows one after another (K is whole blocks), converted on all threads
-    let per_task = t.div_ceil(rayon::current_num_threads().max(1));
+    let per_task = t.div_ceil(rayon::current_num_threads().max(1)).max(1);
     let parts = x.par_chunks(per_task * k).map(q8k_activation).collect::<Result<Vec<_>, _>>()?;
     let act: Vec<u8> = parts.iter().flat_map(|p| p.0.iter().copied()).collect();
     let bsum: Vec<i16> = parts.iter().flat_map(|p| p.1.iter().copied()).collect();
-
-    let chunk = (CHUNK_ACT_BYTES / (kb * Q8K_BYTES)).clamp(1, t);
-    let tiles = n_out.div_ceil(TILE_ROWS);
-    let per_thread = tiles.div_ceil(rayon::current_num_threads().max(1));
-    let dst = OutPtr(out.as_mut_ptr() as *mut f32);
-    let dst = &dst;
-    (0..tiles.div_ceil(per_thread)).into_par_iter().for_each(|w| {
-        let mut acc = vec![[0f32; TILE_ROWS]; chunk];
-        for t0 in (0..t).step_by(chunk) {
-            let tc = chunk.min(t - t0);
-            let a = &act[t0 * kb * Q8K_BYTES..(t0 + tc) * kb * Q8K_BYTES];
-            let s = &bsum[t0 * kb * 8..(t0 + tc) * kb * 8];
-            for tile in w * per_thread..((w + 1) * per_thread).min(tiles) {
-                let bytes = &packed[tile * kb * TILE_BYTES..(tile + 1) * kb * TILE_BYTES];
-                tile_gemm(bytes, a, s, &mut acc[..tc]);
-                let kept = TILE_ROWS.min(n_out - tile * TILE_ROWS);
-                for (tok, y) in acc[..tc].iter().enumerate() {
-                    for (r, v) in y[..kept].iter().enumerate() {
-                        // SAFETY: (t0 + tok) < T and tile·8 + r < n_out, so the index is inside
-                        // `out` (T × n_out); this thread alone owns the rows of `tile` (see OutPtr).
-                        unsafe { dst.0.add((t0 + tok) * n_out + tile * TILE_ROWS + r).write(*v) };
-                    }
-                }
-            }
-        }
+    let kb = k / QK;
+    let chunk = (CHUNK_ACT_BYTES / (kb * Q8K_BYTES)).max(1);
+    gemm_by_tiles(packed, tile_row_bytes, n_out, t, chunk, out, |tile, toks, y| {
+        let a = &act[toks.start * kb * Q8K_BYTES..toks.end * kb * Q8K_BYTES];
+        tile_gemm(tile, a, &bsum[toks.start * kb * 8..toks.end * kb * 8], y)
     });
     Ok(())
+}
+
+/// The token count of a many-token call: `x` whole rows of `k` (and not empty), `out_len` = T × `n_out`.
+pub(super) fn check_tokens(k: usize, n_out: usize, x: &[f32], out_len: usize) -> Result<usize, QuantError> {
+    if k == 0 || x.is_empty() || !x.len().is_multiple_of(k) {
+        return Err(QuantError::Length {
+            what: "activation values (whole rows of K)",
+            expected: x.len() / k.max(1) * k,
+            got: x.len(),
+        });
+    }
+    let t = x.len() / k;
+    if out_len != t * n_out {
+        return Err(QuantError::Length { what: "output values (T × kept rows)", expected: t * n_out, got: out_len });
+    }
+    Ok(t)
 }
 
 /// `y[tok][r]` for the 8 rows of one row tile (`tile`: its KB blocks) and each token of a chunk
@@ -248,73 +217,20 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::gemm::{gemm_packed, gemm_packed_ggml};
-    use super::super::matmul::{matmul_vec_dot, QMatRef};
-    use super::super::packed::pack;
-    use super::*;
-    use crate::cpu::test_signal as signal;
-    use crate::quant;
+    use super::super::row_tiles::testing;
     use crate::QuantType;
-
-    /// Each (token, row) takes the one-token kernel's integer sums and float steps: equal.
-    const SAME_AS_ONE_TOKEN_TOL: f32 = 0.0;
-    /// Against ggml's GEMM and `vec_dot` (other summation orders, same quantised values).
-    const OTHER_ORDER_REL_TOL: f32 = 1e-4;
-
-    fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
-        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-        assert!(scale > 0.0, "{what}: all-zero reference");
-        for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!((x - y).abs() <= tol * scale, "{what} [{i}]: {x} vs {y} (scale {scale})");
-        }
-    }
 
     #[test]
     fn each_token_equals_the_one_token_kernel_and_matches_ggmls_gemm() {
         // (rows, K, tokens): 40 and 72 rows are odd numbers of row tiles (uneven thread split); 2560
         // columns with 50 tokens cross a token chunk (44 tokens of K = 2560 fill CHUNK_ACT_BYTES);
-        // 2 tokens go one by one (under X8_GEMM_MIN_TOKENS), 3 are below ggml's 4-token groups
-        for (n, k, t) in [(64, 512, 2), (40, 512, 3), (72, 256, 5), (32, 2560, 50), (16, 1024, 17)] {
-            let mut f = signal(n * k, 0.37);
-            f.iter_mut().enumerate().for_each(|(i, v)| *v = *v * (1.0 + (i / 97 % 13) as f32) + ((i / 331) % 7) as f32 * 0.3);
-            let wq = quant::quantize_rows_vec(QuantType::Q4_K, &f, k).unwrap();
-            let w = QMatRef::new(&wq, QuantType::Q4_K, n, k).unwrap();
-            let Some(p) = pack(w).unwrap().filter(|p| p.layout == "CPU_REPACK" && avx2_available()) else {
-                eprintln!("q4_K not in the interleaved layout on this CPU: kernel not run");
-                return;
-            };
-            let x: Vec<f32> = signal(t * k, 0.11).iter().map(|v| v * 3.0 - 0.5).collect();
-            let mut ours = vec![0f32; t * n];
-            gemm_packed(&p, &x, &mut ours).unwrap();
-            let mut one_by_one = vec![0f32; t * n];
-            for (xr, or) in x.chunks(k).zip(one_by_one.chunks_mut(n)) {
-                gemm_packed(&p, xr, or).unwrap();
-            }
-            let (mut ggml, mut rows) = (vec![0f32; t * n], vec![0f32; t * n]);
-            gemm_packed_ggml(&p, &x, &mut ggml).unwrap();
-            matmul_vec_dot(w, &x, &mut rows).unwrap();
-            let what = |who: &str| format!("{n}x{k}, {t} tokens vs {who}");
-            assert_close(&ours, &one_by_one, SAME_AS_ONE_TOKEN_TOL, &what("the one-token kernel"));
-            assert_close(&ours, &ggml, OTHER_ORDER_REL_TOL, &what("ggml's GEMM"));
-            assert_close(&ours, &rows, OTHER_ORDER_REL_TOL, &what("vec_dot"));
-        }
+        // 2 tokens go one by one (under X8_GEMM_MIN_TOKENS_Q4K), 3 are below ggml's 4-token groups
+        let cases = [(64, 512, 2), (40, 512, 3), (72, 256, 5), (32, 2560, 50), (16, 1024, 17)];
+        testing::each_token_as_alone_and_near_ggml(QuantType::Q4_K, &cases);
     }
 
     #[test]
     fn wrong_shapes_are_refused() {
-        if !avx2_available() {
-            return;
-        }
-        let (n, k, t) = (8, 256, 2);
-        let packed = vec![0u8; TILE_BYTES];
-        let x = vec![0.5f32; t * k];
-        let out = |len: usize| vec![MaybeUninit::new(0f32); len];
-        assert!(matmul(&packed, n, k, n, &x, &mut out(t * n)).is_ok());
-        assert!(matmul(&packed, n, 128, n, &x, &mut out(t * n)).is_err(), "K off the block size");
-        assert!(matmul(&packed, 12, k, n, &x, &mut out(t * n)).is_err(), "rows off the tile");
-        assert!(matmul(&packed[1..], n, k, n, &x, &mut out(t * n)).is_err(), "short packed bytes");
-        assert!(matmul(&packed, n, k, n, &x[1..], &mut out(t * n)).is_err(), "activations not whole rows");
-        assert!(matmul(&packed, n, k, n, &x, &mut out(t * n + 1)).is_err(), "output length");
-        assert!(matmul(&packed, n, k, n + 8, &x, &mut out(t * (n + 8))).is_err(), "more kept rows than rows");
+        testing::gemm_refuses_wrong_shapes(super::matmul, super::TILING);
     }
 }

@@ -41,7 +41,7 @@ pub(super) const OFF_SCALES: usize = OFF_DMIN + 2 * TILE_ROWS;
 pub(super) const OFF_QS: usize = OFF_SCALES + 12 * 8;
 /// Bytes of one 8-row × 256-column tile.
 pub const TILE_BYTES: usize = OFF_QS + QK / 2 * TILE_ROWS;
-const TILING: Tiling = Tiling { rows: TILE_ROWS, qk: QK, bytes: TILE_BYTES };
+pub(super) const TILING: Tiling = Tiling { rows: TILE_ROWS, qk: QK, bytes: TILE_BYTES };
 /// How far ahead of the line being read the kernel asks L2 (T1) for the same line of a later tile:
 /// one prefetch per line read, spread through the loop, as in [`super::q4k_matvec`].
 const PREFETCH_AHEAD: usize = 2 * TILE_BYTES;

@@ -7,6 +7,9 @@
 //! "row of tiles" is `rows` weight rows × K, stored contiguously (`tile_row_bytes`), tiles
 //! row-tile-major.
 
+use std::mem::MaybeUninit;
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use crate::quant::{self, GgmlType, QuantError};
@@ -128,6 +131,55 @@ pub(crate) fn for_each_group(
     });
 }
 
+/// Where [`gemm_by_tiles`]'s threads write: `out` as a raw pointer, each thread only the columns of
+/// its own row tiles.
+struct OutPtr(*mut f32);
+// SAFETY: written only at (token, row) positions of the row tiles the writing thread owns; threads
+// own disjoint runs of tiles, so no element is written twice, and none is read.
+unsafe impl Sync for OutPtr {}
+
+/// The threads' share of a many-token kernel on a tiled layout: one contiguous run of row tiles per
+/// thread (each thread streams one region of the weight); for each chunk of up to `chunk` tokens and
+/// each of its tiles, `f(tile, tokens, y)` gives `y[tok][r]` for the tile's `R` rows (`tile`: its
+/// bytes, one row of tiles), which go to `out` (`[T, n_out]`, the kept rows only: the padding rows
+/// of the last tile are dropped). The caller has checked the shapes: `packed` holds at least
+/// `n_out.div_ceil(R)` rows of tiles of `tile_row_bytes`, and `out.len() == t · n_out`.
+pub(crate) fn gemm_by_tiles<const R: usize>(
+    packed: &[u8],
+    tile_row_bytes: usize,
+    n_out: usize,
+    t: usize,
+    chunk: usize,
+    out: &mut [MaybeUninit<f32>],
+    f: impl Fn(&[u8], Range<usize>, &mut [[f32; R]]) + Sync,
+) {
+    let tiles = n_out.div_ceil(R);
+    assert!(out.len() == t * n_out && packed.len() >= tiles * tile_row_bytes && chunk > 0, "gemm_by_tiles shapes");
+    if tiles == 0 || t == 0 {
+        return;
+    }
+    let per_thread = tiles.div_ceil(rayon::current_num_threads().max(1));
+    let dst = OutPtr(out.as_mut_ptr() as *mut f32);
+    let dst = &dst;
+    (0..tiles.div_ceil(per_thread)).into_par_iter().for_each(|w| {
+        let mut y = vec![[0f32; R]; chunk.min(t)];
+        for t0 in (0..t).step_by(chunk) {
+            let tc = chunk.min(t - t0);
+            for tile in w * per_thread..((w + 1) * per_thread).min(tiles) {
+                f(&packed[tile * tile_row_bytes..(tile + 1) * tile_row_bytes], t0..t0 + tc, &mut y[..tc]);
+                let kept = R.min(n_out - tile * R);
+                for (tok, y) in y[..tc].iter().enumerate() {
+                    for (r, v) in y[..kept].iter().enumerate() {
+                        // SAFETY: t0 + tok < t and tile·R + r < n_out, so the index is inside `out`
+                        // (asserted t × n_out long); this thread alone owns the rows of `tile`.
+                        unsafe { dst.0.add((t0 + tok) * n_out + tile * R + r).write(*v) };
+                    }
+                }
+            }
+        }
+    });
+}
+
 /// The kernels' shared test: ours against ggml's kernel and `vec_dot` on the same packed bytes.
 #[cfg(test)]
 pub(crate) mod testing {
@@ -138,6 +190,7 @@ pub(crate) mod testing {
     use crate::cpu::test_signal as signal;
     use crate::quant::QuantError;
     use crate::{quant, QuantType};
+    use std::mem::MaybeUninit;
 
     /// Rows of very different magnitude and offset: block scales (and q4_K's mins) over their
     /// whole range, q8_0's compensation ≠ 0.
@@ -174,6 +227,62 @@ pub(crate) mod testing {
         assert!(matvec(&packed, t.rows + 4, &x, &mut out(t.rows)).is_err(), "rows not a multiple of the tile's");
         assert!(matvec(&packed[1..], t.rows, &x, &mut out(t.rows)).is_err(), "short packed bytes");
         assert!(matvec(&packed, t.rows, &x, &mut out(t.rows + 1)).is_err(), "more outputs than rows");
+    }
+
+    /// A many-token kernel's entry point: `(packed, n_rows, k, n_out, x, out)`.
+    pub(crate) type Gemm = fn(&[u8], usize, usize, usize, &[f32], &mut [MaybeUninit<f32>]) -> Result<(), QuantError>;
+
+    /// `gemm` takes two tokens through one row of two tiles, and refuses, with an error rather than
+    /// a panic, K off the block size, rows off the tile rows, short packed bytes, activations that are
+    /// not whole rows, a wrong output length and more kept rows than rows. Skips without AVX2.
+    pub(crate) fn gemm_refuses_wrong_shapes(gemm: Gemm, t: Tiling) {
+        if !super::avx2_available() {
+            eprintln!("kernel not run on this CPU");
+            return;
+        }
+        let (n, k, tok) = (t.rows, 2 * t.qk, 2);
+        let packed = vec![0u8; 2 * t.bytes];
+        let x = vec![0.5f32; tok * k];
+        let out = |len: usize| vec![MaybeUninit::new(0f32); len];
+        assert!(gemm(&packed, n, k, n, &x, &mut out(tok * n)).is_ok());
+        let odd_k = t.qk + t.qk / 2;
+        assert!(gemm(&packed, n, odd_k, n, &x[..tok * odd_k], &mut out(tok * n)).is_err(), "K off the block size");
+        assert!(gemm(&packed, n + 4, k, n, &x, &mut out(tok * n)).is_err(), "rows off the tile");
+        assert!(gemm(&packed[1..], n, k, n, &x, &mut out(tok * n)).is_err(), "short packed bytes");
+        assert!(gemm(&packed, n, k, n, &x[1..], &mut out(tok * n)).is_err(), "activations not whole rows");
+        assert!(gemm(&packed, n, k, n, &x, &mut out(tok * n + 1)).is_err(), "output length");
+        assert!(gemm(&packed, n, k, n + 8, &x, &mut out(tok * (n + 8))).is_err(), "more kept rows than rows");
+    }
+
+    /// `(rows, K, tokens)` through `gemm_packed` on a `q` weight in the interleaved layout: each
+    /// token's outputs equal what it gets alone (the one-token kernel; tolerance 0), and match ggml's
+    /// GEMM on the same bytes and `vec_dot` within [`OTHER_ORDER_REL_TOL`]. Skips, saying why, where
+    /// the CPU does not pack `q` that way.
+    pub(crate) fn each_token_as_alone_and_near_ggml(q: QuantType, cases: &[(usize, usize, usize)]) {
+        /// Against ggml's GEMM and `vec_dot`: other summation orders, same quantised values.
+        const OTHER_ORDER_REL_TOL: f32 = 1e-4;
+        for &(n, k, t) in cases {
+            let wq = weights(q, n, k);
+            let w = QMatRef::new(&wq, q, n, k).unwrap();
+            let Some(p) = pack(w).unwrap().filter(|p| p.layout == "CPU_REPACK" && super::avx2_available()) else {
+                eprintln!("{q} not in the interleaved layout on this CPU: kernel not run");
+                return;
+            };
+            let x: Vec<f32> = signal(t * k, 0.11).iter().map(|v| v * 3.0 - 0.5).collect();
+            let mut ours = vec![0f32; t * n];
+            gemm_packed(&p, &x, &mut ours).unwrap();
+            let mut alone = vec![0f32; t * n];
+            for (xr, or) in x.chunks(k).zip(alone.chunks_mut(n)) {
+                gemm_packed(&p, xr, or).unwrap();
+            }
+            let (mut ggml, mut rows) = (vec![0f32; t * n], vec![0f32; t * n]);
+            gemm_packed_ggml(&p, &x, &mut ggml).unwrap();
+            matmul_vec_dot(w, &x, &mut rows).unwrap();
+            let what = |who: &str| format!("{q} {n}x{k}, {t} tokens vs {who}");
+            assert_eq!(ours, alone, "{}", what("each token alone"));
+            assert_close(&ours, &ggml, OTHER_ORDER_REL_TOL, &what("ggml's GEMM"));
+            assert_close(&ours, &rows, OTHER_ORDER_REL_TOL, &what("vec_dot"));
+        }
     }
 
     /// One token through `gemm_packed` (which picks our kernel) against ggml's kernel within
