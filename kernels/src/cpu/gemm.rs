@@ -151,8 +151,8 @@ pub fn gemm_packed_new(w: &PackedMat, x: &[f32]) -> Result<Vec<f32>, QuantError>
     // SAFETY: `gemm_packed_uninit` succeeded, and on success every path has written all `len`
     // outputs: ggml's `mul_mat` computes every element of its destination, the padded-rows path
     // copies every kept column of every row, rows for our one-token kernel are zeroed before it
-    // sums, and `q4k_amx::matmul` and `q4k_x8_gemm::matmul` write every kept column of every row from
-    // their sums.
+    // sums, and `q4k_amx::matmul` and the interleaved GEMMs (through `row_tiles::gemm_by_tiles`)
+    // write every kept column of every row from their sums.
     unsafe { out.set_len(len) };
     Ok(out)
 }

@@ -17,8 +17,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::q4_0_x8_matvec::{OFF_QS, Q8_0_BYTES, QK, TILE_BYTES, TILE_ROWS, TILING};
-use super::q4k_x8_gemm::check_tokens;
-use super::row_tiles::{avx2_available, checked, gemm_by_tiles};
+use super::row_tiles::{avx2_available, check_tokens, checked, gemm_by_tiles};
 use crate::quant::{self, GgmlType, QuantError};
 
 /// Activation bytes (q8_0) of one chunk of tokens: a quarter of this CPU class's 512 KiB L2, as in

@@ -23,7 +23,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::q4k_x8_matvec::{unpack, OFF_DMIN, OFF_QS, OFF_SCALES, QK, TILE_BYTES, TILE_ROWS, TILING};
-use super::row_tiles::{avx2_available, checked, gemm_by_tiles, q8k_activation, Q8K_BYTES};
+use super::row_tiles::{avx2_available, check_tokens, checked, gemm_by_tiles, q8k_activation, Q8K_BYTES};
 use crate::quant::{GgmlType, QuantError};
 
 /// Activation bytes (q8_K) of one chunk of tokens: a quarter of this CPU class's 512 KiB L2, so the
@@ -56,22 +56,6 @@ pub fn matmul(
         tile_gemm(tile, a, &bsum[toks.start * kb * 8..toks.end * kb * 8], y)
     });
     Ok(())
-}
-
-/// The token count of a many-token call: `x` whole rows of `k` (and not empty), `out_len` = T × `n_out`.
-pub(super) fn check_tokens(k: usize, n_out: usize, x: &[f32], out_len: usize) -> Result<usize, QuantError> {
-    if k == 0 || x.is_empty() || !x.len().is_multiple_of(k) {
-        return Err(QuantError::Length {
-            what: "activation values (whole rows of K)",
-            expected: x.len() / k.max(1) * k,
-            got: x.len(),
-        });
-    }
-    let t = x.len() / k;
-    if out_len != t * n_out {
-        return Err(QuantError::Length { what: "output values (T × kept rows)", expected: t * n_out, got: out_len });
-    }
-    Ok(t)
 }
 
 /// `y[tok][r]` for the 8 rows of one row tile (`tile`: its KB blocks) and each token of a chunk

@@ -1,7 +1,9 @@
-//! What our one-token kernels on ggml's packed layouts share ([`super::q4k_matvec`] and
+//! What our kernels on ggml's packed layouts share: the one-token ones ([`super::q4k_matvec`] and
 //! [`super::q8_0_matvec`] on the AMX layout, [`super::q4k_x8_matvec`] and [`super::q4_0_x8_matvec`]
-//! on the interleaved one): the CPU checks, the shape checks, and the split of the weight's rows of
-//! tiles over the threads. Each kernel brings only its tile arithmetic.
+//! on the interleaved one) and the many-token ones ([`super::q4k_x8_gemm`],
+//! [`super::q4_0_x8_gemm`]): the CPU checks, the shape checks, and the split of the weight's rows of
+//! tiles over the threads (and, for many tokens, of the tokens into chunks). Each kernel brings
+//! only its tile arithmetic.
 //!
 //! Dims: K = n_cols, N = rows of the packed tensor (a multiple of the layout's [`Tiling::rows`]); a
 //! "row of tiles" is `rows` weight rows × K, stored contiguously (`tile_row_bytes`), tiles
@@ -129,6 +131,22 @@ pub(crate) fn for_each_group(
             f(&packed[first * tile_row_bytes..(first + n_tiles) * tile_row_bytes], rows);
         }
     });
+}
+
+/// The token count of a many-token call: `x` whole rows of `k` (and not empty), `out_len` = T × `n_out`.
+pub(crate) fn check_tokens(k: usize, n_out: usize, x: &[f32], out_len: usize) -> Result<usize, QuantError> {
+    if k == 0 || x.is_empty() || !x.len().is_multiple_of(k) {
+        return Err(QuantError::Length {
+            what: "activation values (whole rows of K)",
+            expected: x.len() / k.max(1) * k,
+            got: x.len(),
+        });
+    }
+    let t = x.len() / k;
+    if out_len != t * n_out {
+        return Err(QuantError::Length { what: "output values (T × kept rows)", expected: t * n_out, got: out_len });
+    }
+    Ok(t)
 }
 
 /// Where [`gemm_by_tiles`]'s threads write: `out` as a raw pointer, each thread only the columns of
