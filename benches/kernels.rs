@@ -129,6 +129,45 @@ fn prefill_leftover(c: &mut Criterion) {
     g.finish();
 }
 
+/// A few tokens (what a MoE expert gets in prefill) through StableLM's expert down matrix (2048 ×
+/// 5632) in the interleaved layout, q4_K and q4_0: our GEMM (`gemm`) against our one-token kernel
+/// once per token (`per_token`) and ggml's GEMM (`ggml`), at 2 to 8 tokens; the crossing of the
+/// first two is where `gemm::X8_GEMM_MIN_TOKENS_*` lie. Multiply-accumulates per second. Skips where
+/// the CPU does not use the interleaved layout.
+fn few_tokens(c: &mut Criterion) {
+    use moellava_kernels::cpu::{q4_0_x8_gemm, q4_0_x8_matvec, q4k_x8_gemm, q4k_x8_matvec};
+    let (n, k) = (2048, 5632);
+    let mut g = c.benchmark_group("few_tokens");
+    g.sample_size(20);
+    for q in [QuantType::Q4_K, QuantType::Q4_0] {
+        let w = weights(q, n, k);
+        let Some(p) = packed::pack(QMatRef::new(&w, q, n, k).unwrap()).unwrap().filter(|p| p.layout == "CPU_REPACK") else {
+            continue;
+        };
+        let (gemm, matvec) = match q {
+            QuantType::Q4_K => (q4k_x8_gemm::matmul as gemm::Gemm, q4k_x8_matvec::matvec as gemm::Matvec),
+            _ => (q4_0_x8_gemm::matmul as gemm::Gemm, q4_0_x8_matvec::matvec as gemm::Matvec),
+        };
+        for t in [2usize, 3, 4, 6, 8] {
+            let x = signal(t * k, 0.11);
+            let mut y = vec![0f32; t * n];
+            let mut yu = vec![std::mem::MaybeUninit::new(0f32); t * n];
+            g.throughput(Throughput::Elements((t * n * k) as u64));
+            let id = |who: &str| BenchmarkId::new(format!("{}_{who}", q.name()), t);
+            g.bench_function(id("gemm"), |b| b.iter(|| gemm(p.bytes(), p.padded_rows, k, n, black_box(&x), &mut yu).unwrap()));
+            g.bench_function(id("per_token"), |b| {
+                b.iter(|| {
+                    for (xr, yr) in black_box(&x).chunks(k).zip(y.chunks_mut(n)) {
+                        matvec(p.bytes(), p.padded_rows, xr, yr).unwrap();
+                    }
+                })
+            });
+            g.bench_function(id("ggml"), |b| b.iter(|| gemm::gemm_packed_ggml(&p, black_box(&x), &mut y).unwrap()));
+        }
+    }
+    g.finish();
+}
+
 /// Prefill: 128 tokens through a 2560 × 2560 projection, by ggml's mul_mat, by per-row vec_dot and by
 /// the repacked weight's kernel (AMX where the CPU has it);
 /// multiply-accumulates per second.
@@ -253,5 +292,15 @@ fn matvec_streaming(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, matvec, matvec_streaming, prefill_matmul, prefill_ffn, prefill_leftover, attention, memory_bandwidth);
+criterion_group!(
+    benches,
+    matvec,
+    matvec_streaming,
+    prefill_matmul,
+    prefill_ffn,
+    prefill_leftover,
+    few_tokens,
+    attention,
+    memory_bandwidth
+);
 criterion_main!(benches);

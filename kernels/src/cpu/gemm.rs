@@ -18,7 +18,7 @@ use std::sync::Mutex;
 
 use llama_cpp_sys_2 as sys;
 
-use super::matmul::QMatRef;
+use super::matmul::{token_count, QMatRef};
 use super::packed::PackedMat;
 use crate::quant::{self, QuantError, QuantType};
 
@@ -167,12 +167,14 @@ fn gemm_packed_uninit(w: &PackedMat, x: &[f32], out: &mut [MaybeUninit<f32>]) ->
         // token's outputs the same either way)
         let (bytes, rows) = (w.bytes(), w.padded_rows);
         let q4k = w.qtype == QuantType::Q4_K;
-        let gemm_from = if q4k { X8_GEMM_MIN_TOKENS_Q4K } else { X8_GEMM_MIN_TOKENS_Q4_0 };
+        let (gemm, matvec, gemm_from): (Gemm, Matvec, usize) = if q4k {
+            (super::q4k_x8_gemm::matmul, super::q4k_x8_matvec::matvec, X8_GEMM_MIN_TOKENS_Q4K)
+        } else {
+            (super::q4_0_x8_gemm::matmul, super::q4_0_x8_matvec::matvec, X8_GEMM_MIN_TOKENS_Q4_0)
+        };
         if x.len() / k >= gemm_from {
-            let gemm = if q4k { super::q4k_x8_gemm::matmul } else { super::q4_0_x8_gemm::matmul };
             return gemm(bytes, rows, k, n, x, out);
         }
-        let matvec = if q4k { super::q4k_x8_matvec::matvec } else { super::q4_0_x8_matvec::matvec };
         return x.chunks(k).zip(out.chunks_mut(n)).try_for_each(|(xr, or)| matvec(bytes, rows, xr, zeroed(or)));
     }
     if w.qtype == QuantType::Q8_0 {
@@ -241,15 +243,21 @@ pub const OWN_KERNEL_MAX_ROWS: usize = 2;
 pub const AMX_BF16_MIN_ROWS: usize = 16;
 
 /// From this many tokens on, a q4_K weight in the interleaved layout runs our GEMM
-/// ([`super::q4k_x8_gemm`]); below, our one-token kernel once per token. 2 tokens: 0.69 vs 0.62 ms
-/// on 2048×5632, 0.34 vs 0.32 on 5632×2048; 3 tokens: 0.85 vs 0.93, 0.48 vs 0.48; 8 tokens 1.6 vs
-/// 2.0, 0.81 vs 1.22 (ggml's GEMM 2.5, 1.5); a throwaway timing loop, best of 30, 2 threads.
+/// ([`super::q4k_x8_gemm`]); below, our one-token kernel once per token. `cargo bench --bench kernels
+/// -- few_tokens` (2048×5632, 2 threads; BENCHMARKS.md), GEMM vs per token: 2 tokens 0.55 vs 0.48
+/// ms, 3 tokens 0.75 vs 0.78, 4 tokens 0.99 vs 1.04, 8 tokens 1.58 vs 1.86 (ggml's GEMM 0.66, 1.14,
+/// 1.46, 2.42).
 pub const X8_GEMM_MIN_TOKENS_Q4K: usize = 3;
 
-/// The same for q4_0 ([`super::q4_0_x8_gemm`]), whose one-token kernel has less to unpack: 3 tokens
-/// 0.75 vs 0.62 ms on 2048×5632, 0.71 vs 0.59 on 5632×2048; 4 tokens 0.83 vs 0.83, 0.67 vs 0.63; 8
-/// tokens 1.48 vs 1.65, 1.30 vs 1.41 (ggml's GEMM 2.2, 1.8); the same loop.
-pub const X8_GEMM_MIN_TOKENS_Q4_0: usize = 5;
+/// The same for q4_0 ([`super::q4_0_x8_gemm`]), whose one-token kernel has less to unpack: the same
+/// bench, 4 tokens 0.92 vs 0.77 ms, 6 tokens 1.24 vs 1.08, 8 tokens 1.39 vs 1.50 (ggml's GEMM 0.91,
+/// 1.53, 1.70).
+pub const X8_GEMM_MIN_TOKENS_Q4_0: usize = 8;
+
+/// A one-token kernel's entry point on a packed layout: `(packed, n_rows, x, out)`.
+pub type Matvec = fn(&[u8], usize, &[f32], &mut [f32]) -> Result<(), QuantError>;
+/// A many-token kernel's entry point on a packed layout: `(packed, n_rows, k, n_out, x, out)`.
+pub type Gemm = fn(&[u8], usize, usize, usize, &[f32], &mut [MaybeUninit<f32>]) -> Result<(), QuantError>;
 
 /// ggml's name of its interleaved layouts' buffer type (`block_q4_Kx8` and kin, on AVX2 CPUs).
 const INTERLEAVED: &str = "CPU_REPACK";
@@ -285,10 +293,7 @@ fn mul_mat(w: Src0, n: usize, n_keep: usize, k: usize, x: &[f32], out: &mut [May
     if n_keep == n && out.as_ptr().align_offset(crate::alloc::ALIGN) == 0 {
         return mul_mat_into(w, n, k, x, out);
     }
-    let t = x.len() / k.max(1);
-    if out.len() != t * n_keep {
-        return Err(QuantError::Length { what: "output values", expected: t * n_keep, got: out.len() });
-    }
+    let t = token_count(k, n_keep, x.len(), out.len())?;
     let mut tmp = vec![0f32; t * n + crate::alloc::ALIGN / 4];
     let off = tmp.as_ptr().align_offset(crate::alloc::ALIGN);
     let wide = &mut tmp[off..off + t * n]; // [T, n]
@@ -303,13 +308,7 @@ fn mul_mat(w: Src0, n: usize, n_keep: usize, k: usize, x: &[f32], out: &mut [May
 
 /// ggml's `mul_mat` writing every element of `out` (`[T, n]`) on success.
 fn mul_mat_into(w: Src0, n: usize, k: usize, x: &[f32], out: &mut [MaybeUninit<f32>]) -> Result<(), QuantError> {
-    let t = x.len() / k.max(1);
-    if k == 0 || x.len() != t * k {
-        return Err(QuantError::Length { what: "activation values (a whole number of rows)", expected: t * k, got: x.len() });
-    }
-    if out.len() != t * n {
-        return Err(QuantError::Length { what: "output values", expected: t * n, got: out.len() });
-    }
+    let t = token_count(k, n, x.len(), out.len())?;
     if t == 0 || n == 0 {
         return Ok(());
     }

@@ -69,6 +69,25 @@ pub fn quantize_activations(qtype: QuantType, x: &[f32], n_cols: usize) -> Resul
     Ok(QuantizedActivations { bytes, row_bytes })
 }
 
+/// The tokens in `x` (`x_len` values: whole rows of `k`) for a product with `n_out` outputs per
+/// token, with `out_len` checked against them: every matmul entry point's shape check (ggml's, ours,
+/// one token or many).
+pub(crate) fn token_count(k: usize, n_out: usize, x_len: usize, out_len: usize) -> Result<usize, QuantError> {
+    if k == 0 || !x_len.is_multiple_of(k) {
+        return Err(QuantError::Length {
+            what: "activation values (whole rows of K)",
+            expected: x_len / k.max(1) * k,
+            got: x_len,
+        });
+    }
+    let t = x_len / k;
+    let want = t.checked_mul(n_out).ok_or(QuantError::Overflow)?;
+    if out_len != want {
+        return Err(QuantError::Length { what: "output values (T × outputs per token)", expected: want, got: out_len });
+    }
+    Ok(t)
+}
+
 /// Tokens from which a matmul goes through ggml's batched `mul_mat` ([`super::gemm`]) rather than
 /// one `vec_dot` per (row, token). One token (decode) stays here: no thread hand-off to ggml's pool.
 pub const GEMM_MIN_TOKENS: usize = 2;
@@ -95,17 +114,7 @@ pub fn matmul_per_token(w: QMatRef, x: &[f32], out: &mut [f32]) -> Result<(), Qu
 /// weight rows with rayon (each row is read once and used for every token).
 pub fn matmul_vec_dot(w: QMatRef, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> {
     let (n, k) = (w.n_rows, w.n_cols);
-    if !x.len().is_multiple_of(k) {
-        return Err(QuantError::Length {
-            what: "activation values (a whole number of rows)",
-            expected: x.len() / k * k,
-            got: x.len(),
-        });
-    }
-    let t = x.len() / k;
-    if out.len() != t * n {
-        return Err(QuantError::Length { what: "output values", expected: t * n, got: out.len() });
-    }
+    let t = token_count(k, n, x.len(), out.len())?;
     let act = quantize_activations(w.qtype, x, k)?;
     let rows_per_task = (n / (rayon::current_num_threads() * 8)).clamp(1, 256);
     if t == 1 {

@@ -71,7 +71,7 @@ impl PackedMat {
     }
 
     /// The packed bytes (the buffer type's own layout), for kernels of ours that read it.
-    pub(crate) fn bytes(&self) -> &[u8] {
+    pub fn bytes(&self) -> &[u8] {
         // SAFETY: the tensor's data is the base of `buffer`, `n_bytes` long (its alloc size), written
         // once by `pack` and only read afterwards; it lives as long as `self`.
         unsafe { std::slice::from_raw_parts((*self.tensor).data as *const u8, self.n_bytes) }

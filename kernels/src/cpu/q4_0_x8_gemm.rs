@@ -16,13 +16,10 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
+use super::matmul::token_count;
 use super::q4_0_x8_matvec::{OFF_QS, Q8_0_BYTES, QK, TILE_BYTES, TILE_ROWS, TILING};
-use super::row_tiles::{avx2_available, check_tokens, checked, gemm_by_tiles};
+use super::row_tiles::{avx2_available, checked, gemm_by_tiles};
 use crate::quant::{self, GgmlType, QuantError};
-
-/// Activation bytes (q8_0) of one chunk of tokens: a quarter of this CPU class's 512 KiB L2, as in
-/// [`super::q4k_x8_gemm`].
-const CHUNK_ACT_BYTES: usize = 128 << 10;
 
 /// `out[t, r] = Σ_k W[r, k] · x[t, k]` for the first `n_out` of the `n_rows` rows of a q4_0 weight
 /// in ggml's interleaved 8-row layout (`packed` starts with its `n_rows / 8 · K / 32` tiles), `x`
@@ -35,7 +32,7 @@ pub fn matmul(
     x: &[f32],
     out: &mut [MaybeUninit<f32>],
 ) -> Result<(), QuantError> {
-    let t = check_tokens(k, n_out, x, out.len())?;
+    let t = token_count(k, n_out, x.len(), out.len())?;
     let (packed, tile_row_bytes) =
         checked(GgmlType::Q4_0, "q4_0 AVX2 GEMM (this CPU)", avx2_available(), packed, n_rows, k, n_out, TILING)?;
     let kb = k / QK;
@@ -46,8 +43,7 @@ pub fn matmul(
         .try_for_each(|(a, xr)| quant::quantize_activation(GgmlType::Q8_0, xr, a))?;
     let offset8: Vec<i32> =
         act.chunks_exact(Q8_0_BYTES).map(|b| 8 * b[2..].iter().map(|&v| v as i8 as i32).sum::<i32>()).collect();
-    let chunk = (CHUNK_ACT_BYTES / (kb * Q8_0_BYTES)).max(1);
-    gemm_by_tiles(packed, tile_row_bytes, n_out, t, chunk, out, |tile, toks, y| {
+    gemm_by_tiles(packed, tile_row_bytes, n_out, t, kb * Q8_0_BYTES, out, |tile, toks, y| {
         let a = &act[toks.start * kb * Q8_0_BYTES..toks.end * kb * Q8_0_BYTES];
         tile_gemm(tile, a, &offset8[toks.start * kb..toks.end * kb], y)
     });
@@ -146,9 +142,9 @@ mod tests {
     #[test]
     fn each_token_equals_the_one_token_kernel_and_matches_ggmls_gemm() {
         // 40 and 72 rows: odd numbers of row tiles; 2560 columns with 200 tokens cross a token chunk
-        // (48 tokens of K = 2560 fill CHUNK_ACT_BYTES); up to 4 tokens go one by one
+        // (48 tokens of K = 2560 fill row_tiles' CHUNK_ACT_BYTES); under 8 tokens they go one by one
         // (X8_GEMM_MIN_TOKENS_Q4_0)
-        let cases = [(64, 512, 2), (40, 512, 6), (72, 32, 5), (32, 2560, 200), (16, 1056, 17)];
+        let cases = [(64, 512, 2), (40, 512, 9), (72, 32, 5), (32, 2560, 200), (16, 1056, 17)];
         testing::each_token_as_alone_and_near_ggml(QuantType::Q4_0, &cases);
     }
 

@@ -25,7 +25,9 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::q4k_matvec::{TILE_BYTES, TILE_ROWS};
+use super::matmul::token_count;
+use super::q4k_matvec::{TILE_ROWS, TILING};
+use super::row_tiles::checked;
 use crate::quant::{GgmlType, QuantError};
 
 /// Values per q4_K block (one packed tile's columns).
@@ -73,32 +75,11 @@ pub fn matmul(
     x: &[f32],
     out: &mut [MaybeUninit<f32>],
 ) -> Result<(), QuantError> {
-    if !available() {
-        return Err(QuantError::Unsupported { op: "q4_K AMX-BF16 matmul (this CPU)", qtype: GgmlType::Q4_K });
+    let t = token_count(k, n_out, x.len(), out.len())?;
+    let (packed, _) = checked(GgmlType::Q4_K, "q4_K AMX-BF16 matmul (this CPU)", available(), packed, n_rows, k, n_out, TILING)?;
+    if t == 0 || n_out == 0 {
+        return Ok(());
     }
-    if k == 0 || !k.is_multiple_of(QK) {
-        return Err(QuantError::RowLength { qtype: GgmlType::Q4_K, n_per_row: k, block_size: QK });
-    }
-    if n_rows == 0 || !n_rows.is_multiple_of(TILE_ROWS) {
-        return Err(QuantError::Length {
-            what: "packed rows (a multiple of 16)",
-            expected: n_rows.div_ceil(16) * 16,
-            got: n_rows,
-        });
-    }
-    let want = n_rows / TILE_ROWS * (k / QK) * TILE_BYTES;
-    let packed = packed.get(..want).ok_or(QuantError::Length { what: "packed q4_K bytes", expected: want, got: packed.len() })?;
-    if x.is_empty() || !x.len().is_multiple_of(k) {
-        return Err(QuantError::Length { what: "activation values (whole rows of K)", expected: x.len() / k * k, got: x.len() });
-    }
-    if n_out == 0 || n_out > n_rows || out.len() != x.len() / k * n_out {
-        return Err(QuantError::Length {
-            what: "output values (T × kept rows)",
-            expected: x.len() / k * n_out.min(n_rows),
-            got: out.len(),
-        });
-    }
-    let t = x.len() / k;
     let t_pad = t.div_ceil(TILE_M) * TILE_M;
     // activations in bf16 as A tiles, each 1 KiB contiguous: `[T/16][K/32][16 tokens][32 values]`,
     // padded with zero rows (a tile product streams them from L2 in order)
@@ -465,6 +446,7 @@ mod tests {
     use super::super::gemm::{as_uninit, gemm_packed, gemm_packed_ggml};
     use super::super::matmul::QMatRef;
     use super::super::packed::{pack, PackedMat};
+    use super::super::q4k_matvec::TILE_BYTES;
     use super::*;
     use crate::cpu::test_signal as signal;
     use crate::quant;

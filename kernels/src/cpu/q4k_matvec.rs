@@ -44,7 +44,7 @@ const OFF_D: usize = OFF_MINS + 8 * TILE_ROWS;
 const OFF_DMIN: usize = OFF_D + 2 * TILE_ROWS;
 /// Bytes of one 16-row × 256-column tile.
 pub const TILE_BYTES: usize = OFF_DMIN + 2 * TILE_ROWS;
-const TILING: Tiling = Tiling { rows: TILE_ROWS, qk: QK, bytes: TILE_BYTES };
+pub(super) const TILING: Tiling = Tiling { rows: TILE_ROWS, qk: QK, bytes: TILE_BYTES };
 /// How far ahead of the line being read the kernel asks for the same line of a later tile (decode
 /// reads each weight once per token, from DRAM). One prefetch per line read, into L2 (T1), spread
 /// through the loop: a burst of a whole tile's prefetches at its start filled the line-fill buffers

@@ -12,7 +12,7 @@
 //! [`super::q4k_x8_matvec`] gives that token alone** (and that one equals ggml's `gemv`).
 //!
 //! Loop order: threads own contiguous runs of row tiles; each goes through the tokens in chunks
-//! whose q8_K activations fit in [`CHUNK_ACT_BYTES`] (L2), and for each of its tiles and each block,
+//! whose q8_K activations fit in a quarter of L2 (`row_tiles::gemm_by_tiles`), and for each of its tiles and each block,
 //! unpacks the block once and runs the chunk's tokens over it.
 //!
 //! Dims: T = tokens, K = n_cols (multiple of 256), N = rows of the packed tensor (multiple of 8),
@@ -22,13 +22,10 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
+use super::matmul::token_count;
 use super::q4k_x8_matvec::{unpack, OFF_DMIN, OFF_QS, OFF_SCALES, QK, TILE_BYTES, TILE_ROWS, TILING};
-use super::row_tiles::{avx2_available, check_tokens, checked, gemm_by_tiles, q8k_activation, Q8K_BYTES};
+use super::row_tiles::{avx2_available, checked, gemm_by_tiles, q8k_activation, Q8K_BYTES};
 use crate::quant::{GgmlType, QuantError};
-
-/// Activation bytes (q8_K) of one chunk of tokens: a quarter of this CPU class's 512 KiB L2, so the
-/// chunk stays there while every tile of the thread passes over it.
-const CHUNK_ACT_BYTES: usize = 128 << 10;
 
 /// `out[t, r] = Σ_k W[r, k] · x[t, k]` for the first `n_out` of the `n_rows` rows of a q4_K weight
 /// in ggml's interleaved 8-row layout (`packed` starts with its `n_rows / 8 · K / 256` tiles), `x`
@@ -41,7 +38,7 @@ pub fn matmul(
     x: &[f32],
     out: &mut [MaybeUninit<f32>],
 ) -> Result<(), QuantError> {
-    let t = check_tokens(k, n_out, x, out.len())?;
+    let t = token_count(k, n_out, x.len(), out.len())?;
     let (packed, tile_row_bytes) =
         checked(GgmlType::Q4_K, "q4_K AVX2 GEMM (this CPU)", avx2_available(), packed, n_rows, k, n_out, TILING)?;
     // q8_K activations, token rows one after another (K is whole blocks), converted on all threads
@@ -50,8 +47,7 @@ pub fn matmul(
     let act: Vec<u8> = parts.iter().flat_map(|p| p.0.iter().copied()).collect();
     let bsum: Vec<i16> = parts.iter().flat_map(|p| p.1.iter().copied()).collect();
     let kb = k / QK;
-    let chunk = (CHUNK_ACT_BYTES / (kb * Q8K_BYTES)).max(1);
-    gemm_by_tiles(packed, tile_row_bytes, n_out, t, chunk, out, |tile, toks, y| {
+    gemm_by_tiles(packed, tile_row_bytes, n_out, t, kb * Q8K_BYTES, out, |tile, toks, y| {
         let a = &act[toks.start * kb * Q8K_BYTES..toks.end * kb * Q8K_BYTES];
         tile_gemm(tile, a, &bsum[toks.start * kb * 8..toks.end * kb * 8], y)
     });
@@ -207,7 +203,7 @@ mod tests {
     #[test]
     fn each_token_equals_the_one_token_kernel_and_matches_ggmls_gemm() {
         // (rows, K, tokens): 40 and 72 rows are odd numbers of row tiles (uneven thread split); 2560
-        // columns with 50 tokens cross a token chunk (44 tokens of K = 2560 fill CHUNK_ACT_BYTES);
+        // columns with 50 tokens cross a token chunk (44 tokens of K = 2560 fill row_tiles' CHUNK_ACT_BYTES);
         // 2 tokens go one by one (under X8_GEMM_MIN_TOKENS_Q4K), 3 are below ggml's 4-token groups
         let cases = [(64, 512, 2), (40, 512, 3), (72, 256, 5), (32, 2560, 50), (16, 1024, 17)];
         testing::each_token_as_alone_and_near_ggml(QuantType::Q4_K, &cases);

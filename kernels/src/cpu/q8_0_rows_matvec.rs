@@ -18,7 +18,7 @@
 
 use rayon::prelude::*;
 
-use super::matmul::{quantize_activations, QMatRef};
+use super::matmul::{quantize_activations, token_count, QMatRef};
 use super::row_tiles::avx2_available;
 use crate::quant::{GgmlType, QuantError, QuantType};
 
@@ -27,11 +27,10 @@ const QK: usize = 32;
 /// q8_0 block: d (f16), 32 int8 quants.
 const Q8_0_BYTES: usize = 2 + QK;
 /// How far ahead of the block being read the kernel asks L2 (T1) for more: one prefetch per block.
-/// A thread's rows are contiguous, so this runs on into its next row. One token through 10240 × 2560,
-/// both threads, from DRAM, median GiB/s with ggml's `vec_dot` per row at 13.5 and the read probe at
-/// 18.3 in the same alternating run: 1 KiB ahead 16.4, 2 KiB 16.8, 4 KiB 16.6, 8 KiB 16.6, none
-/// about 1.05× `vec_dot`. Four rows through each activation block together (one load of it for all
-/// four, the next four rows prefetched) streamed slower: 15.8.
+/// A thread's rows are contiguous, so this runs on into its next row. Chosen among variants of this
+/// kernel tried once and not kept (BENCHMARKS.md has their figures): 1 to 8 KiB ahead streamed
+/// within 3 % of each other, 2 KiB best; four rows through each activation block together streamed
+/// slower. The kept kernel against `vec_dot`: `cargo bench --bench kernels -- matvec_streaming/q8`.
 const PREFETCH_AHEAD: usize = 2048;
 
 /// Whether this CPU runs the kernel (AVX2, FMA, F16C).
@@ -53,17 +52,7 @@ pub fn matmul(w: QMatRef, x: &[f32], out: &mut [f32]) -> Result<(), QuantError> 
     if w.data.len() != n * row_bytes {
         return Err(QuantError::Length { what: "weight bytes", expected: n * row_bytes, got: w.data.len() });
     }
-    if !x.len().is_multiple_of(k) {
-        return Err(QuantError::Length {
-            what: "activation values (a whole number of rows)",
-            expected: x.len() / k * k,
-            got: x.len(),
-        });
-    }
-    let t = x.len() / k;
-    if out.len() != t * n {
-        return Err(QuantError::Length { what: "output values", expected: t * n, got: out.len() });
-    }
+    let t = token_count(k, n, x.len(), out.len())?;
     if n == 0 || t == 0 {
         return Ok(());
     }

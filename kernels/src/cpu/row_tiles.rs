@@ -133,21 +133,9 @@ pub(crate) fn for_each_group(
     });
 }
 
-/// The token count of a many-token call: `x` whole rows of `k` (and not empty), `out_len` = T × `n_out`.
-pub(crate) fn check_tokens(k: usize, n_out: usize, x: &[f32], out_len: usize) -> Result<usize, QuantError> {
-    if k == 0 || x.is_empty() || !x.len().is_multiple_of(k) {
-        return Err(QuantError::Length {
-            what: "activation values (whole rows of K)",
-            expected: x.len() / k.max(1) * k,
-            got: x.len(),
-        });
-    }
-    let t = x.len() / k;
-    if out_len != t * n_out {
-        return Err(QuantError::Length { what: "output values (T × kept rows)", expected: t * n_out, got: out_len });
-    }
-    Ok(t)
-}
+/// Activation bytes of one chunk of tokens in [`gemm_by_tiles`]: a quarter of this CPU class's
+/// 512 KiB L2, so the chunk stays there while every tile of the thread passes over it.
+const CHUNK_ACT_BYTES: usize = 128 << 10;
 
 /// Where [`gemm_by_tiles`]'s threads write: `out` as a raw pointer, each thread only the columns of
 /// its own row tiles.
@@ -157,8 +145,8 @@ struct OutPtr(*mut f32);
 unsafe impl Sync for OutPtr {}
 
 /// The threads' share of a many-token kernel on a tiled layout: one contiguous run of row tiles per
-/// thread (each thread streams one region of the weight); for each chunk of up to `chunk` tokens and
-/// each of its tiles, `f(tile, tokens, y)` gives `y[tok][r]` for the tile's `R` rows (`tile`: its
+/// thread (each thread streams one region of the weight); for each chunk of tokens (as many as
+/// [`CHUNK_ACT_BYTES`] of their activations, `act_bytes` each, hold) and each of its tiles, `f(tile, tokens, y)` gives `y[tok][r]` for the tile's `R` rows (`tile`: its
 /// bytes, one row of tiles), which go to `out` (`[T, n_out]`, the kept rows only: the padding rows
 /// of the last tile are dropped). The caller has checked the shapes: `packed` holds at least
 /// `n_out.div_ceil(R)` rows of tiles of `tile_row_bytes`, and `out.len() == t · n_out`.
@@ -167,12 +155,13 @@ pub(crate) fn gemm_by_tiles<const R: usize>(
     tile_row_bytes: usize,
     n_out: usize,
     t: usize,
-    chunk: usize,
+    act_bytes: usize,
     out: &mut [MaybeUninit<f32>],
     f: impl Fn(&[u8], Range<usize>, &mut [[f32; R]]) + Sync,
 ) {
     let tiles = n_out.div_ceil(R);
-    assert!(out.len() == t * n_out && packed.len() >= tiles * tile_row_bytes && chunk > 0, "gemm_by_tiles shapes");
+    assert!(out.len() == t * n_out && packed.len() >= tiles * tile_row_bytes, "gemm_by_tiles shapes");
+    let chunk = (CHUNK_ACT_BYTES / act_bytes.max(1)).max(1);
     if tiles == 0 || t == 0 {
         return;
     }
@@ -201,12 +190,11 @@ pub(crate) fn gemm_by_tiles<const R: usize>(
 /// The kernels' shared test: ours against ggml's kernel and `vec_dot` on the same packed bytes.
 #[cfg(test)]
 pub(crate) mod testing {
-    use super::super::gemm::{gemm_packed, gemm_packed_ggml, uses_own_matvec};
+    use super::super::gemm::{gemm_packed, gemm_packed_ggml, uses_own_matvec, Gemm, Matvec};
     use super::super::matmul::{matmul_vec_dot, QMatRef};
     use super::super::packed::pack;
     use super::Tiling;
     use crate::cpu::test_signal as signal;
-    use crate::quant::QuantError;
     use crate::{quant, QuantType};
     use std::mem::MaybeUninit;
 
@@ -226,9 +214,6 @@ pub(crate) mod testing {
         }
     }
 
-    /// A one-token kernel's entry point: `(packed, n_rows, x, out)`.
-    pub(crate) type Matvec = fn(&[u8], usize, &[f32], &mut [f32]) -> Result<(), QuantError>;
-
     /// `matvec` takes one row of two tiles, and refuses, with an error rather than a panic, K off
     /// the block size, rows off the tile rows, short packed bytes and more outputs than rows. Skips
     /// where the CPU lacks the kernel's features (`cpu_ok`).
@@ -246,9 +231,6 @@ pub(crate) mod testing {
         assert!(matvec(&packed[1..], t.rows, &x, &mut out(t.rows)).is_err(), "short packed bytes");
         assert!(matvec(&packed, t.rows, &x, &mut out(t.rows + 1)).is_err(), "more outputs than rows");
     }
-
-    /// A many-token kernel's entry point: `(packed, n_rows, k, n_out, x, out)`.
-    pub(crate) type Gemm = fn(&[u8], usize, usize, usize, &[f32], &mut [MaybeUninit<f32>]) -> Result<(), QuantError>;
 
     /// `gemm` takes two tokens through one row of two tiles, and refuses, with an error rather than
     /// a panic, K off the block size, rows off the tile rows, short packed bytes, activations that are
